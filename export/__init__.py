@@ -1,0 +1,28 @@
+"""Export: checkpoints -> a validated deployment repository (ONNX graphs, norms, manifest).
+
+``export_task(ExportConfig(...))`` is the one call the CLI makes. Writers of other layouts (Triton,
+TensorRT) reuse ``write_backbone_graph`` / ``write_task_graphs`` or read the repository it wrote.
+"""
+
+from export.config import ExportConfig
+from export.exporter import ExportResult, TaskExport, ensure_backbone, ensure_int8_backbone, export_task, write_task
+from export.graphs import TaskGraphs, write_backbone_graph, write_task_graphs
+from export.quantize import QuantizationAccuracyError, quantize_backbone_int8
+from export.validate import OrtTask, check_mixed_batch
+
+__all__ = [
+    "ExportConfig",
+    "ExportResult",
+    "OrtTask",
+    "QuantizationAccuracyError",
+    "TaskExport",
+    "TaskGraphs",
+    "check_mixed_batch",
+    "ensure_backbone",
+    "ensure_int8_backbone",
+    "export_task",
+    "quantize_backbone_int8",
+    "write_backbone_graph",
+    "write_task",
+    "write_task_graphs",
+]

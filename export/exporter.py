@@ -1,0 +1,313 @@
+"""``export_task``: checkpoints in, a validated deployment repository out (DESIGN.md, "Artifacts").
+
+Order of writes, each atomic (``fpt_deploy.atomic``), so a kill at any point leaves the previous
+repository loadable:
+
+1. the backbone ONNX, once per fingerprint: skipped when the manifest lists it and its checksum
+   verifies; otherwise exported to a temp file, checked against the PyTorch body, renamed into place;
+2. per task: ``input.onnx``, ``output.onnx``, ``norms.npz``, ``task.json`` staged in a temp folder,
+   checked end to end (ORT vs PyTorch logits on held-out rows), then swapped in as one folder;
+   identical files already in place are left untouched;
+3. a mixed-task batch through one backbone call, when the backbone serves more than one task;
+4. the manifest (the only file that makes new artifacts visible to a reader);
+5. with ``quantize="int8"``: the int8 variant, each task's held-out accuracy float vs int8, and the
+   manifest again, only when no task loses more than the tolerance (or ``force``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.config import ExportConfig
+from export.graphs import TaskGraphs, task_norms, write_backbone_graph, write_task_graphs
+from export.quantize import METHOD, QuantizationAccuracyError, check_accuracy_drop, quantize_backbone_int8
+from export.validate import OrtTask, accuracy, check_backbone, check_mixed_batch, check_task, ort_session
+from fpt_deploy.artifacts import (
+    INPUT_HEAD_INPUT,
+    OUTPUT_HEAD_OUTPUT,
+    BackboneArtifact,
+    Repository,
+    TaskArtifact,
+    backbone_dir,
+    open_repository,
+    sha256_file,
+    task_dir,
+    verify_file,
+)
+from fpt_deploy.atomic import replace_dir, write_with
+from fpt_deploy.errors import ArtifactError, DataUnavailableError
+
+log = logging.getLogger(__name__)
+
+TASK_FILE = "task.json"
+FP32, INT8 = "fp32", "int8"
+
+
+@dataclass
+class TaskExport:
+    """What happened to one task."""
+
+    name: str
+    checkpoint: Path
+    artifact: TaskArtifact
+    max_abs_diff: float  # ORT vs PyTorch on logits, held-out rows
+    bytes: int  # input.onnx + output.onnx + norms.npz
+    written: bool  # False when the repository already held exactly these files
+
+
+@dataclass
+class ExportResult:
+    repo: Path
+    tasks: dict[str, TaskExport]
+    backbones: dict[str, dict[str, Path]]  # fingerprint -> variant ("fp32", "int8") -> file
+    backbones_written: list[str] = field(default_factory=list)  # "<fingerprint16>/<variant>" written this run
+    mixed_batch_diff: dict[str, float] = field(default_factory=dict)  # fingerprint -> max diff
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {"fp32", "int8"} with int8
+
+
+def export_task(config: ExportConfig) -> ExportResult:
+    """Export every task of ``config`` into ``config.repo`` and validate it; see the module docstring."""
+    from fpt_deploy.checkpoint import load_checkpoint
+
+    repo = open_repository(config.repo, create=True)
+    loaded = []
+    for i, path in enumerate(config.checkpoint_paths()):
+        model, task, ckpt = load_checkpoint(path)
+        if config.tasks and task.name != config.tasks[i]:
+            log.warning(
+                "checkpoint %s holds task %r, not %r; exporting it as %r", path, task.name, config.tasks[i], task.name
+            )
+        loaded.append((path, model.eval(), task, ckpt))
+    result = ExportResult(config.repo, {}, {})
+    sessions, data = {}, {}  # fingerprint -> fp32 backbone session; task -> held-out TaskData
+    for path, model, task, ckpt in loaded:
+        fp = ckpt["fingerprint"]
+        if fp not in sessions:
+            artifact, written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
+            if written:
+                result.backbones_written.append(f"{fp[:16]}/{FP32}")
+            sessions[fp] = ort_session(artifact.path(repo.root, FP32))
+        data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
+        raw = data[task.name].inputs[: config.validation_rows]
+        export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config)
+        repo.tasks[task.name] = export.artifact
+        result.tasks[task.name] = export
+    for fp, backbone in sessions.items():
+        ort_tasks = _ort_tasks_with_data(repo, fp, data)
+        if len(ort_tasks) > 1:
+            result.mixed_batch_diff[fp] = check_mixed_batch(ort_tasks, backbone, config.atol)
+    repo.save_manifest()
+    log.info(
+        "manifest %s lists %d task(s) on %d backbone(s)",
+        repo.root / "manifest.json",
+        len(repo.tasks),
+        len(repo.backbones),
+    )
+    if config.quantize == INT8:
+        for fp in sessions:
+            written, report = ensure_int8_backbone(repo, fp, data, config)
+            result.accuracy |= report
+            if written:
+                result.backbones_written.append(f"{fp[:16]}/{INT8}")
+    result.backbones = {fp: {v: repo.root / f for v, f in repo.backbones[fp].files.items()} for fp in sessions}
+    return result
+
+
+def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) -> tuple[BackboneArtifact, bool]:
+    """The repository's fp32 backbone for ``body``, exported only when no verified copy is listed.
+
+    Returns the artifact (added to ``repo.backbones``; the caller saves the manifest) and whether a
+    file was written. The new file is checked against the PyTorch body before it is renamed into place.
+    """
+    fp = body.fingerprint()
+    existing = repo.backbones.get(fp)
+    if existing is not None and FP32 in existing.files:
+        try:
+            existing.path(repo.root, FP32)
+            log.info("backbone %s is already in %s; not re-exported", fp[:16], repo.root)
+            if existing.opset != opset:
+                log.info("(it was exported at opset %d; the backbone is written once per fingerprint)", existing.opset)
+            return existing, False
+        except ArtifactError as e:
+            log.warning("%s; exporting the backbone again", e)
+    rel = f"{backbone_dir(fp)}/backbone.onnx"
+    log.info("exporting backbone %s (%s) to %s", fp[:16], name, repo.root / rel)
+
+    def write_and_check(tmp: Path) -> None:
+        write_backbone_graph(body, tmp, opset)
+        check_backbone(body, ort_session(tmp), atol)
+
+    write_with(repo.root / rel, write_and_check)
+    artifact = BackboneArtifact(
+        fingerprint=fp,
+        name=name,
+        hidden_size=body.hidden_size,
+        num_norms=body.num_norms,
+        norm_names=list(body.norm_names),
+        files={FP32: rel},
+        sha256={FP32: sha256_file(repo.root / rel)},
+        opset=opset,
+        extra={"architecture": body.architecture, "config": dict(body.config)},
+    )
+    if existing is not None:  # keep variants (int8) whose files still verify; they were made from this body
+        for variant, file in existing.files.items():
+            if variant != FP32:
+                artifact.files[variant], artifact.sha256[variant] = file, existing.sha256[variant]
+        artifact.extra = {**existing.extra, **artifact.extra}
+    repo.backbones[fp] = artifact
+    return artifact, True
+
+
+def write_task(
+    repo: Repository, model, task, ckpt: dict, checkpoint: Path, backbone, raw: np.ndarray, config: ExportConfig
+) -> TaskExport:
+    """Stage, validate and swap in one task's folder (heads, norms, task.json)."""
+    rel = task_dir(task.name)
+    stage = Path(tempfile.mkdtemp(dir=_ensure_dir(repo.root / "tasks"), prefix=f".{task.name}.", suffix=".stage"))
+    try:
+        graphs = write_task_graphs(model, stage, config.opset)
+        ort_task = OrtTask.load(graphs.input, graphs.output, task_norms(model))
+        diff = check_task(task.name, model, ort_task, backbone, raw, config.atol)
+        artifact = _task_artifact(task, ckpt, checkpoint, graphs, rel, diff, len(raw), config.opset)
+        size = sum(p.stat().st_size for p in (graphs.input, graphs.output, graphs.norms))
+        written = not _same_task_in_place(repo.root, artifact)
+        if written:
+            (stage / TASK_FILE).write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")
+
+            def fill(tmp: Path) -> None:
+                for f in os.listdir(stage):
+                    os.replace(stage / f, tmp / f)
+
+            replace_dir(repo.root / rel, fill)
+            log.info("task %s: heads + norms %.1f KB written to %s", task.name, size / 1024, repo.root / rel)
+        else:
+            log.info("task %s: identical files already in %s; left untouched", task.name, repo.root / rel)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return TaskExport(task.name, checkpoint, artifact, diff, size, written)
+
+
+def ensure_int8_backbone(repo: Repository, fp: str, data: dict, config: ExportConfig) -> tuple[bool, dict]:
+    """Add (or re-check) the int8 variant of backbone ``fp``; returns (written, accuracy report).
+
+    Every task of this backbone whose held-out data loads is evaluated with the float and the int8
+    graph. When one loses more than ``config.accuracy_tolerance`` points, the variant is removed from
+    the repository (and the manifest) and ``QuantizationAccuracyError`` is raised, unless ``force``.
+    """
+    artifact = repo.backbones[fp]
+    rel = f"{backbone_dir(fp)}/backbone.int8.onnx"
+    written = False
+    try:
+        if INT8 not in artifact.files:
+            raise ArtifactError("no int8 variant yet")
+        artifact.path(repo.root, INT8)
+    except ArtifactError:
+        write_with(repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp))
+        written = True
+    fp32, int8 = ort_session(artifact.path(repo.root, FP32)), ort_session(repo.root / rel)
+    report = {}
+    for name, (ort_task, td) in _ort_tasks_with_data(repo, fp, data, full=True).items():
+        labels = td.labels
+        report[name] = {
+            FP32: accuracy(ort_task, fp32, td.inputs, labels),
+            INT8: accuracy(ort_task, int8, td.inputs, labels),
+        }
+    try:
+        forced = check_accuracy_drop(report, config.accuracy_tolerance, config.force)
+    except QuantizationAccuracyError:
+        artifact.files.pop(INT8, None)
+        artifact.sha256.pop(INT8, None)
+        artifact.extra.pop(INT8, None)
+        repo.save_manifest()
+        (repo.root / rel).unlink(missing_ok=True)
+        raise
+    artifact.files[INT8], artifact.sha256[INT8] = rel, sha256_file(repo.root / rel)
+    artifact.extra[INT8] = {
+        "method": METHOD,
+        "accuracy": report,
+        "forced": forced,
+        "accuracy_tolerance_points": config.accuracy_tolerance,
+    }
+    repo.save_manifest()
+    return written, report
+
+
+def _task_artifact(
+    task, ckpt: dict, checkpoint: Path, graphs: TaskGraphs, rel: str, diff: float, rows: int, opset: int
+) -> TaskArtifact:
+    spec = task.spec
+    files = {"input": f"{rel}/input.onnx", "output": f"{rel}/output.onnx", "norms": f"{rel}/norms.npz"}
+    return TaskArtifact(
+        name=task.name,
+        fingerprint=ckpt["fingerprint"],
+        spec=spec.to_json(),
+        input={"name": INPUT_HEAD_INPUT, "shape": [-1, *spec.input_shape], "dtype": spec.input_dtype},
+        output={"name": OUTPUT_HEAD_OUTPUT, "shape": [-1, *spec.logits_shape], "dtype": "float32"},
+        labels=list(spec.labels),
+        files=files,
+        sha256={
+            k: sha256_file(p) for k, p in (("input", graphs.input), ("output", graphs.output), ("norms", graphs.norms))
+        },
+        metrics={
+            "checkpoint": ckpt.get("metrics", {}),
+            "export": {
+                "max_abs_diff_logits": diff,
+                "validation_rows": rows,
+                "opset": opset,
+                "checkpoint_path": str(checkpoint),
+            },
+        },
+    )
+
+
+def _same_task_in_place(root: Path, artifact: TaskArtifact) -> bool:
+    """Whether the repository already holds exactly this task (same task.json, files verified)."""
+    path = root / task_dir(artifact.name) / TASK_FILE
+    try:
+        if json.loads(path.read_text()) != json.loads(json.dumps(artifact.to_json())):
+            return False
+        for kind, rel in artifact.files.items():
+            verify_file(root, rel, artifact.sha256[kind])
+    except (OSError, ValueError, ArtifactError):
+        return False
+    return True
+
+
+def _ort_tasks_with_data(repo: Repository, fp: str, data: dict, full: bool = False) -> dict:
+    """ORT pipelines of the repository's tasks on backbone ``fp``, with raw inputs (or TaskData if ``full``).
+
+    Tasks exported in this run bring their data in ``data``; others load their held-out split and are
+    skipped, with a warning, where it cannot be read here.
+    """
+    from fpt_deploy.tasks import get_task
+
+    out = {}
+    for name, t in sorted(repo.tasks.items()):
+        if t.fingerprint != fp:
+            continue
+        if name not in data:
+            try:
+                data[name] = get_task(name, **t.spec.get("options", {})).load_data("test")
+            except DataUnavailableError as e:
+                log.warning("task %s is left out of the checks on this backbone: %s", name, e)
+                continue
+        ort_task = OrtTask.load(
+            verify_file(repo.root, t.files["input"], t.sha256["input"]),
+            verify_file(repo.root, t.files["output"], t.sha256["output"]),
+            t.load_norms(repo.root),
+        )
+        out[name] = (ort_task, data[name] if full else data[name].inputs)
+    return out
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,197 @@
+"""The deployment repository: its layout, its JSON formats, and validated reading. Torch-free.
+
+``export/`` writes repositories with the helpers here; ``serving/`` reads them with ``open_repository``.
+Layout (DESIGN.md, "Artifacts")::
+
+    manifest.json                       backbones by fingerprint, tasks by name
+    backbones/<fp16>/backbone.onnx      the frozen body, once per fingerprint
+    backbones/<fp16>/backbone.int8.onnx optional variants (quantized, ...)
+    tasks/<task>/input.onnx             raw input -> hidden (B, L, D), attention_mask (B, L)
+    tasks/<task>/output.onnx            last_hidden, attention_mask -> logits
+    tasks/<task>/norms.npz              norm_weight, norm_bias (N_norm, D) float32
+    tasks/<task>/task.json              what a client sends and gets back, fingerprint, checksums
+
+Every file is written atomically and listed with its sha256, so a reader either sees a complete,
+verified repository or gets an ``ArtifactError`` that names the broken file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fpt_deploy.atomic import write_text
+from fpt_deploy.errors import ArtifactError, FingerprintMismatchError
+
+REPOSITORY_FORMAT = "fpt-deploy-repository/1"
+TASK_FORMAT = "fpt-deploy-task/1"
+MANIFEST = "manifest.json"
+
+# Graph I/O names: the contract between export and serving (DESIGN.md, "Backbone ONNX contract").
+BACKBONE_INPUTS = ("hidden", "attention_mask", "norm_weight", "norm_bias")
+BACKBONE_OUTPUT = "last_hidden"
+INPUT_HEAD_INPUT = "input"
+INPUT_HEAD_OUTPUTS = ("hidden", "attention_mask")
+OUTPUT_HEAD_INPUTS = ("last_hidden", "attention_mask")
+OUTPUT_HEAD_OUTPUT = "logits"
+# The backbone wrapped with a Gather by task index from resident norm tables (TensorRT engines):
+# inputs hidden, attention_mask, task_index (B,) int64, norm_table_weight/bias (T, N_norm, D).
+TASK_INDEX_INPUT = "task_index"
+NORM_TABLE_INPUTS = ("norm_table_weight", "norm_table_bias")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def backbone_dir(fingerprint: str) -> str:
+    return f"backbones/{fingerprint[:16]}"
+
+
+def task_dir(task: str) -> str:
+    return f"tasks/{task}"
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{what} {path} is missing; re-run `fpt-deploy export`") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{what} {path} is corrupt ({e}); re-run `fpt-deploy export`") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} {path} is not a JSON object; re-run `fpt-deploy export`")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def verify_file(root: Path, rel: str, sha256: str) -> Path:
+    """The path of ``rel`` under ``root`` after checking it exists and matches its recorded checksum."""
+    path = root / rel
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; re-run `fpt-deploy export`")
+    if sha256_file(path) != sha256:
+        raise ArtifactError(f"{path} is corrupt or truncated (checksum mismatch); re-run `fpt-deploy export`")
+    return path
+
+
+@dataclass
+class BackboneArtifact:
+    fingerprint: str
+    name: str  # registry name it was exported from
+    hidden_size: int
+    num_norms: int
+    norm_names: list[str]
+    files: dict[str, str]  # variant ("fp32", "int8", ...) -> path relative to the repository
+    sha256: dict[str, str]  # variant -> checksum
+    opset: int
+    extra: dict = field(default_factory=dict)  # e.g. quantization report
+
+    def path(self, root: Path, variant: str = "fp32") -> Path:
+        if variant not in self.files:
+            raise ArtifactError(f"backbone {self.fingerprint[:16]} has no {variant!r} variant "
+                                f"(has {', '.join(self.files)}); export it first")
+        return verify_file(root, self.files[variant], self.sha256[variant])
+
+
+@dataclass
+class TaskArtifact:
+    name: str
+    fingerprint: str
+    spec: dict  # TaskSpec.to_json()
+    input: dict  # {"name", "shape" (with -1 batch), "dtype"}: what a client sends
+    output: dict  # {"name", "shape", "dtype"}: what it gets back
+    labels: list[str]
+    files: dict[str, str]  # "input", "output", "norms" -> path relative to the repository
+    sha256: dict[str, str]
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"format": TASK_FORMAT, **self.__dict__}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> TaskArtifact:
+        if data.get("format") != TASK_FORMAT:
+            raise ArtifactError(f"{where} is not an fpt-deploy task file (format {data.get('format')!r})")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "format"})
+        except TypeError as e:
+            raise ArtifactError(f"{where} does not have the fields of a task file ({e})") from e
+
+    def load_norms(self, root: Path) -> tuple[np.ndarray, np.ndarray]:
+        path = verify_file(root, self.files["norms"], self.sha256["norms"])
+        try:
+            with np.load(path) as z:
+                return z["norm_weight"].astype(np.float32), z["norm_bias"].astype(np.float32)
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{path} is not a valid norms file ({e}); re-run `fpt-deploy export`") from e
+
+
+@dataclass
+class Repository:
+    """A verified view of a deployment repository (what ``serving/`` loads)."""
+
+    root: Path
+    backbones: dict[str, BackboneArtifact]  # by fingerprint
+    tasks: dict[str, TaskArtifact]  # by name
+
+    def task(self, name: str) -> TaskArtifact:
+        from fpt_deploy.errors import UnknownNameError
+
+        if name not in self.tasks:
+            raise UnknownNameError(f"task {name!r} is not in {self.root}; it has {', '.join(sorted(self.tasks))}")
+        return self.tasks[name]
+
+    def backbone_for(self, task: str) -> BackboneArtifact:
+        fp = self.task(task).fingerprint
+        if fp not in self.backbones:
+            raise FingerprintMismatchError(f"task {task!r} needs backbone {fp[:16]}, which {self.root} lacks")
+        return self.backbones[fp]
+
+    def to_manifest(self) -> dict:
+        return {
+            "format": REPOSITORY_FORMAT,
+            "backbones": {fp: {k: v for k, v in b.__dict__.items() if k != "fingerprint"}
+                          for fp, b in self.backbones.items()},
+            "tasks": {name: {"file": f"{task_dir(name)}/task.json", "fingerprint": t.fingerprint}
+                      for name, t in self.tasks.items()},
+        }
+
+    def save_manifest(self) -> None:
+        write_json(self.root / MANIFEST, self.to_manifest())
+
+
+def open_repository(root: str | Path, *, create: bool = False) -> Repository:
+    """Read and check ``root/manifest.json`` and every task file it lists.
+
+    File checksums are verified when a file is loaded (``BackboneArtifact.path``, ``verify_file``).
+    With ``create``, a missing repository is returned empty (for exporters).
+    """
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        if create:
+            return Repository(root, {}, {})
+        raise ArtifactError(f"{root} is not a deployment repository (no {MANIFEST}); run `fpt-deploy export` first")
+    manifest = read_json(root / MANIFEST, "manifest")
+    if manifest.get("format") != REPOSITORY_FORMAT:
+        raise ArtifactError(f"{root / MANIFEST} has format {manifest.get('format')!r}, not {REPOSITORY_FORMAT}")
+    try:
+        backbones = {fp: BackboneArtifact(fingerprint=fp, **b) for fp, b in manifest["backbones"].items()}
+        tasks = {}
+        for name, entry in manifest["tasks"].items():
+            where = root / entry["file"]
+            tasks[name] = TaskArtifact.from_json(read_json(where, "task file"), where)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{root / MANIFEST} is malformed ({e}); re-run `fpt-deploy export`") from e
+    return Repository(root, backbones, tasks)

@@ -1,0 +1,81 @@
+"""The frozen body shared by every task, and its fingerprint.
+
+A body holds the attention and feed-forward weights of a pretrained transformer, frozen. Its
+normalisation layers have no weights of their own: every row of a batch brings its task's scale and
+bias (``norm_weight``, ``norm_bias`` of shape (B, N_norm, D)), so one call serves a batch that mixes
+tasks (DESIGN.md, "Backbone ONNX contract"). The pretrained norm values and position embeddings are
+kept as buffers only to initialise new tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layer_norm_per_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with a scale and bias per batch row: x (B, L, D), weight/bias (B, D)."""
+    x = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return x * weight[:, None, :] + bias[:, None, :]
+
+
+def multi_head_attention(
+    x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor
+) -> torch.Tensor:
+    """Scaled dot-product attention; ``qkv`` projects D -> 3D; ``mask`` (B, 1, L|1, L) bool, True = attend."""
+    B, L, D = x.shape
+    q, k, v = qkv(x).split(D, dim=-1)  # 3 x (B, L, D)
+    q, k, v = (t.view(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+    return y.transpose(1, 2).reshape(B, L, D)
+
+
+class Body(nn.Module):
+    """Frozen transformer blocks. Subclasses set the attributes below and implement ``forward``."""
+
+    architecture: str  # "bert" or "gpt2"
+    hidden_size: int
+    num_norms: int  # N_norm: how many (scale, bias) pairs a task owns
+    norm_names: list[str]  # one name per norm row, for humans and exporters
+    max_positions: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: dict = {}
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (B, L, D) float
+        attention_mask: torch.Tensor,  # (B, L) int64, 1 = real token
+        norm_weight: torch.Tensor,  # (B, N_norm, D)
+        norm_bias: torch.Tensor,  # (B, N_norm, D)
+    ) -> torch.Tensor:  # (B, L, D)
+        raise NotImplementedError  # abstract: every registered body overrides it
+
+    def default_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pretrained norm scales and biases, (N_norm, D) each: a new task starts from these."""
+        return self.pretrained_norm_weight, self.pretrained_norm_bias
+
+    def default_positions(self) -> torch.Tensor:
+        """The pretrained position embeddings (P, D), with any constant additive term folded in."""
+        return self.pretrained_positions
+
+    def freeze(self) -> Body:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def fingerprint(self) -> str:
+        """sha256 of the architecture config and every frozen tensor: equal only for the same body."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+            cached = self._fingerprint = h.hexdigest()
+        return cached

@@ -1,0 +1,88 @@
+"""BERT-architecture body (MiniLM): post-LN blocks with per-row norm parameters.
+
+Norm rows: 0 = embedding LayerNorm, then per block 2i+1 = attention-output LN, 2i+2 = output LN.
+Token-type embedding 0 is a constant added to every position; it is folded into the default
+positions so the body's input is exactly ``input_projection + position``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fpt_deploy.backbones.base import Body, layer_norm_per_row, multi_head_attention
+
+
+class _BertBlock(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.ff_in = nn.Linear(d, ff)
+        self.ff_out = nn.Linear(ff, d)
+
+
+class BertBody(Body):
+    architecture = "bert"
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = dict(config)
+        d, layers = config["hidden_size"], config["num_hidden_layers"]
+        self.hidden_size, self.heads, self.eps = d, config["num_attention_heads"], config["layer_norm_eps"]
+        self.num_norms = 1 + 2 * layers
+        self.norm_names = ["embeddings.LayerNorm"] + [
+            f"layer.{i}.{n}" for i in range(layers) for n in ("attention.output.LayerNorm", "output.LayerNorm")
+        ]
+        self.max_positions = config["max_position_embeddings"]
+        self.blocks = nn.ModuleList(_BertBlock(d, config["intermediate_size"]) for _ in range(layers))
+        self.register_buffer("pretrained_norm_weight", torch.ones(self.num_norms, d))
+        self.register_buffer("pretrained_norm_bias", torch.zeros(self.num_norms, d))
+        self.register_buffer("pretrained_positions", torch.zeros(self.max_positions, d))
+
+    def forward(self, hidden, attention_mask, norm_weight, norm_bias):
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to
+        x = layer_norm_per_row(hidden, norm_weight[:, 0], norm_bias[:, 0], self.eps)
+        for i, blk in enumerate(self.blocks):
+            a = blk.attn_out(multi_head_attention(x, blk.qkv, self.heads, mask))
+            x = layer_norm_per_row(x + a, norm_weight[:, 2 * i + 1], norm_bias[:, 2 * i + 1], self.eps)
+            f = blk.ff_out(F.gelu(blk.ff_in(x)))
+            x = layer_norm_per_row(x + f, norm_weight[:, 2 * i + 2], norm_bias[:, 2 * i + 2], self.eps)
+        return x
+
+    @classmethod
+    def from_hf(cls, model) -> BertBody:
+        """Copy the frozen weights of a ``transformers.BertModel``."""
+        cfg = model.config
+        body = cls(
+            {
+                "architecture": "bert",
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_attention_heads": cfg.num_attention_heads,
+                "intermediate_size": cfg.intermediate_size,
+                "layer_norm_eps": cfg.layer_norm_eps,
+                "max_position_embeddings": cfg.max_position_embeddings,
+                "hidden_act": cfg.hidden_act,
+            }
+        )
+        if cfg.hidden_act != "gelu":
+            raise ValueError(f"unsupported BERT activation {cfg.hidden_act!r}; only exact gelu is implemented")
+        emb = model.embeddings
+        norms_w, norms_b = [emb.LayerNorm.weight], [emb.LayerNorm.bias]
+        with torch.no_grad():
+            for blk, layer in zip(body.blocks, model.encoder.layer):
+                att = layer.attention
+                blk.qkv.weight.copy_(torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight]))
+                blk.qkv.bias.copy_(torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias]))
+                blk.attn_out.load_state_dict(att.output.dense.state_dict())
+                blk.ff_in.load_state_dict(layer.intermediate.dense.state_dict())
+                blk.ff_out.load_state_dict(layer.output.dense.state_dict())
+                norms_w += [att.output.LayerNorm.weight, layer.output.LayerNorm.weight]
+                norms_b += [att.output.LayerNorm.bias, layer.output.LayerNorm.bias]
+            body.pretrained_norm_weight.copy_(torch.stack(norms_w))
+            body.pretrained_norm_bias.copy_(torch.stack(norms_b))
+            token_type = emb.token_type_embeddings.weight[0]
+            body.pretrained_positions.copy_(emb.position_embeddings.weight + token_type)
+        return body.freeze()

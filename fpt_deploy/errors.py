@@ -1,0 +1,52 @@
+"""Typed errors. Each subclasses a builtin too, so callers can catch either (the PEFT habit)."""
+
+from __future__ import annotations
+
+
+class FptDeployError(Exception):
+    """Base of every error fpt-deploy raises on purpose; the CLI turns it into exit code 2."""
+
+
+class ConfigError(FptDeployError, ValueError):
+    """A setting or option is invalid. The message lists every problem found."""
+
+
+class UnknownNameError(FptDeployError, LookupError):
+    """A task, backbone or other registry name does not exist."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0])
+
+
+class BackboneUnavailableError(FptDeployError, FileNotFoundError):
+    """Backbone weights cannot be found offline."""
+
+
+class DataUnavailableError(FptDeployError, FileNotFoundError):
+    """No data source can serve a task's data set."""
+
+
+class CheckpointError(FptDeployError, ValueError):
+    """A checkpoint is missing, corrupt, or belongs to another model."""
+
+
+class FingerprintMismatchError(FptDeployError, ValueError):
+    """Heads were trained on a different frozen body than the one offered."""
+
+
+class ArtifactError(FptDeployError, ValueError):
+    """A deployment repository or one of its files is missing or corrupt."""
+
+
+class ExportMismatchError(FptDeployError, ValueError):
+    """An exported graph disagrees with the PyTorch reference beyond tolerance."""
+
+
+class RuntimeUnavailableError(FptDeployError, RuntimeError):
+    """A runtime (CUDA, TensorRT) is not installed or has no device here."""
+
+
+def collect(problems: list[str], error: type[FptDeployError] = ConfigError) -> None:
+    """Raise ``error`` once with every problem found, or do nothing when there are none."""
+    if problems:
+        raise error("; ".join(problems))

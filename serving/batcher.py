@@ -1,0 +1,121 @@
+"""A dynamic batcher for every task on one backbone, separate from what executes a batch.
+
+Requests of ANY task join one bounded queue. A worker thread takes a batch once ``max_batch_size``
+rows are waiting, or once the oldest request has waited ``max_queue_delay_ms`` (Triton's dynamic
+batcher policy), and hands it to ``execute`` (a ``MixedBatchExecutor``) off the event loop. A full
+queue refuses new requests at once (``QueueFullError``, HTTP 503) instead of letting latency grow.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+
+from serving.errors import InvalidInputError, QueueFullError, ServerClosingError
+from serving.executor import InferenceRequest
+from serving.model import LoadedTask
+
+log = logging.getLogger(__name__)
+
+
+class DynamicBatcher:
+    """Collects requests from any thread; one worker thread executes them in batches."""
+
+    def __init__(
+        self,
+        execute: Callable[[list[InferenceRequest]], None],
+        max_batch_size: int = 32,
+        max_queue_delay_ms: float = 2.0,
+        max_queue_size: int = 1024,
+        metrics=None,
+    ) -> None:
+        self.execute = execute
+        self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
+        self.max_queue_delay = max_queue_delay_ms / 1000.0
+        self.metrics = metrics
+        self._queue: deque[InferenceRequest] = deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="fpt-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, task: LoadedTask, inputs: np.ndarray) -> Future:
+        """Queue ``inputs`` (n, *input_shape) of ``task``; the future resolves to an ``InferenceResult``."""
+        if not 1 <= inputs.shape[0] <= self.max_batch_size:
+            raise InvalidInputError(
+                f"a request must have between 1 and {self.max_batch_size} rows (max batch size), got {inputs.shape[0]}"
+            )
+        request = InferenceRequest(task, inputs)
+        with self._cond:
+            if self._closed:
+                raise ServerClosingError("the server is shutting down; retry on another replica")
+            if len(self._queue) >= self.max_queue_size:
+                raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+            self._queue.append(request)
+            self._queued_rows += request.rows
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return request.future
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _take_batch(self) -> list[InferenceRequest] | None:
+        """Block until a batch is due; None once closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].enqueued + self.max_queue_delay
+            while self._queued_rows < self.max_batch_size and not self._closed:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, rows = [], 0
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                request = self._queue.popleft()
+                self._queued_rows -= request.rows
+                rows += request.rows
+                batch.append(request)
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(len(self._queue))
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            # Requests whose caller gave up (a closed connection) are dropped, never executed.
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_batch(batch, time.perf_counter())
+            try:
+                self.execute(batch)
+            except Exception as e:  # noqa: BLE001  (the worker must survive anything)
+                log.exception("batch execution failed")
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish every queued one, and stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            log.warning("the batcher did not drain within %.0fs", timeout)

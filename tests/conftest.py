@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random backbones keep the suite fast (STYLE.md, rule 7)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marked tests skip with a message where their hardware or package is missing (never silently pass)."""
+    has_cuda = False
+    if HAS_TORCH:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
+        if "tensorrt" in item.keywords and not (has_trt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU"))
+
+
+def train_tiny(out: Path, task: str = "bit-xor", backbone: str = "tiny-bert", steps: int = 4, **options) -> Path:
+    """Train ``task`` for a few steps on a tiny random backbone; returns the best-checkpoint folder."""
+    from training import TrainConfig, train
+
+    small = {"train_size": 64, "test_size": 32} if task in ("bit-xor", "bit-memory", "listops") else {}
+    if task == "bit-memory":
+        small |= {"n": 20, "patch": 5}
+    if task == "listops":
+        small |= {"max_len": 48, "min_len": 4, "max_depth": 3}
+    config = TrainConfig(task=task, backbone=backbone, steps=steps, batch_size=16, out=out,
+                         task_options={**small, **options}, progress=False)
+    train(config)
+    return out / "best"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints of mnist and bit-xor on tiny-bert, trained a few steps (shared by export/serving tests)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {task: train_tiny(root / task, task) for task in ("mnist", "bit-xor")}

@@ -1,0 +1,342 @@
+"""The fine-tuning loop: Adam on the trainable tensors only, grad-norm clip, best checkpoint kept.
+
+Run folder layout: ``best/`` (the checkpoint with the best held-out accuracy) and ``last/`` (the latest
+state, with optimizer state, so ``--resume`` continues where a run stopped).
+
+A job trains one or more tasks (``training.multitask``) against one frozen body: each task is a
+``TaskRun`` with its own heads, norms, optimizer, data order and run folder, and the job takes one step
+of each unfinished task in turn. Under ``torchrun`` every step is data-parallel (``training.distributed``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fpt_deploy.backbones import load_backbone
+from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
+from fpt_deploy.errors import CheckpointError
+from fpt_deploy.model import FPT
+from fpt_deploy.tasks import get_task
+from training.config import TrainConfig
+from training.distributed import (
+    World,
+    all_reduce_sums,
+    check_ranks_agree,
+    close_world,
+    init_world,
+    resolve_device,
+    shard,
+    wrap_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    best_accuracy: float
+    final_accuracy: float
+    steps: int
+    seconds: float  # wall time of the whole job (all its tasks)
+    checkpoint: Path
+    trainable_params: int
+    total_params: int
+    task: str = ""
+    rank: int = 0  # this process's rank under torchrun (0 in a single process)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Cross-entropy over every output; (loss, correct outputs, outputs)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])  # (B * outputs, C)
+    y = labels.reshape(-1)
+    loss = F.cross_entropy(flat, y)
+    return loss, int((flat.argmax(-1) == y).sum()), y.numel()
+
+
+@torch.no_grad()
+def evaluate(
+    model: FPT,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device,
+    bf16: bool,
+    world: World | None = None,
+) -> dict:
+    """Held-out loss and accuracy (fraction of outputs right: the paper's figure for bit tasks).
+
+    Under torchrun each rank scores a strided share and the sums are all-reduced: every rank gets the
+    same figures.
+    """
+    world = world or World()
+    if world.size > 1:
+        inputs, labels = inputs[world.rank :: world.size], labels[world.rank :: world.size]
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+        with autocast(device, bf16):
+            logits = model(x)
+        loss, c, n = loss_and_correct(logits, y)
+        total_loss += float(loss) * n
+        correct, count = correct + c, count + n
+    model.train()
+    total_loss, correct, count = all_reduce_sums([total_loss, correct, count], world)
+    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The shuffled batches of one epoch; a function of (seed, epoch) only, so a resumed run replays it."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return list(torch.randperm(n, generator=g).split(batch_size))
+
+
+class TaskRun:
+    """One task in training: its model (heads and norms around the shared body), data, optimizer, progress."""
+
+    def __init__(self, config: TrainConfig, body, world: World, bf16: bool) -> None:
+        self.config, self.world, self.device, self.bf16 = config, world, world.device, bf16
+        self.task = task = get_task(config.task, **config.task_options)
+        train_data = task.load_data("train", config.data_dir, config.download, seed=config.seed)
+        test_data = task.load_data("test", config.data_dir, config.download, seed=0)
+        log.info(
+            "%s data: %s (train %d, held-out %d)",
+            task.name,
+            train_data.source,
+            len(train_data.labels),
+            len(test_data.labels),
+        )
+        self.x_train, self.y_train = torch.from_numpy(train_data.inputs), torch.from_numpy(train_data.labels)
+        self.x_test, self.y_test = torch.from_numpy(test_data.inputs), torch.from_numpy(test_data.labels)
+
+        torch.manual_seed(config.seed)  # the heads' init depends on the seed only, not on what ran before
+        self.model = FPT(task, body).to(self.device)
+        self.trainable, self.total = self.model.parameter_counts()
+        log.info(
+            "%s trainable parameters: %s of %s (%.3f%%)",
+            task.name,
+            f"{self.trainable:,}",
+            f"{self.total:,}",
+            100 * self.trainable / self.total,
+        )
+        self.forward = wrap_model(self.model, world)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
+
+        self.steps_per_epoch = -(-len(self.x_train) // config.batch_size)
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.eval_every = config.eval_every or min(self.steps_per_epoch, self.total_steps)
+        self.step, self.best, self.history = 0, -1.0, []
+        if config.resume:
+            self.step, self.best, self.history = _restore(config, self.model, self.optimizer, self.device)
+            log.info(
+                "%s resumed from %s at step %d (best accuracy so far %.4f)",
+                task.name,
+                config.out / "last",
+                self.step,
+                self.best,
+            )
+        self.final = {"accuracy": self.best}
+        self.meta = {"train_config": _jsonable(config), "trainable_params": self.trainable, "total_params": self.total}
+        self.running = [0.0, 0, 0]  # this rank's loss sum, correct outputs, outputs since the last evaluation
+        self.batches = self._global_batches()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def _global_batches(self) -> Iterator[torch.Tensor]:
+        """Index batches from the current step on; the same on every rank and across a resume."""
+        while True:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            yield from itertools.islice(
+                _batches(len(self.x_train), self.config.batch_size, self.config.seed, epoch), offset, None
+            )
+
+    def train_step(self) -> None:
+        """One optimizer step on the next global batch (this rank's share of it under torchrun)."""
+        idx, weight = shard(next(self.batches), self.world)
+        x = self.x_train[idx].to(self.device, non_blocking=True)
+        y = self.y_train[idx].to(self.device, non_blocking=True)
+        with autocast(self.device, self.bf16):
+            logits = self.forward(x)
+        loss, correct, count = loss_and_correct(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if weight != 1.0 else loss).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        if weight:
+            self.running[0] += loss.item() * count
+            self.running[1] += correct
+            self.running[2] += count
+        if self.step % self.eval_every == 0 or self.step == self.total_steps:
+            self.evaluate_and_save()
+
+    def evaluate_and_save(self) -> None:
+        """Held-out evaluation; rank 0 writes ``best/`` when it improved and always ``last/``."""
+        config = self.config
+        self.final = evaluate(
+            self.model, self.x_test, self.y_test, config.batch_size * 4, self.device, self.bf16, self.world
+        )
+        loss_sum, correct, count = all_reduce_sums(self.running, self.world)
+        self.running = [0.0, 0, 0]
+        self.history.append(
+            {
+                "step": self.step,
+                "train_loss": loss_sum / max(count, 1),
+                "train_accuracy": correct / max(count, 1),
+                "test_loss": self.final["loss"],
+                "test_accuracy": self.final["accuracy"],
+            }
+        )
+        log.info(
+            "%s step %d: held-out accuracy %.4f (loss %.4f)",
+            self.task.name,
+            self.step,
+            self.final["accuracy"],
+            self.final["loss"],
+        )
+        metrics = {"test_accuracy": self.final["accuracy"], "test_loss": self.final["loss"], "step": self.step}
+        improved = self.final["accuracy"] > self.best
+        if improved:
+            self.best = self.final["accuracy"]
+        if self.world.is_main:
+            if improved:
+                save_checkpoint(config.out / "best", self.model, self.task, config.backbone, metrics, self.meta)
+            state = {
+                "step": self.step,
+                "best": self.best,
+                "history": self.history,
+                "optimizer": self.optimizer.state_dict(),
+            }
+            save_checkpoint(
+                config.out / "last", self.model, self.task, config.backbone, metrics, self.meta, trainer_state=state
+            )
+        if config.stop_at_accuracy is not None and self.final["accuracy"] >= config.stop_at_accuracy:
+            self.total_steps = self.step
+
+    def result(self, seconds: float) -> TrainResult:
+        return TrainResult(
+            self.best,
+            self.final["accuracy"],
+            self.step,
+            seconds,
+            self.config.out / "best",
+            self.trainable,
+            self.total,
+            self.task.name,
+            self.world.rank,
+        )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune the FPT parameters of ``config.task`` on ``config.backbone``; returns the best accuracy."""
+    return run_job([config])[0]
+
+
+def run_job(configs: list[TrainConfig]) -> list[TrainResult]:
+    """Train every config's task against ONE frozen body, one step of each unfinished task in turn.
+
+    The job-wide settings (backbone, device, bf16, backend, progress) come from the first config;
+    ``training.multitask.train_multitask`` checks that the configs agree on them.
+    """
+    first = configs[0]
+    world = init_world(first.device, first.dist_backend)
+    ok = False
+    try:
+        bf16 = world.device.type == "cuda" if first.bf16 is None else first.bf16
+        torch.manual_seed(first.seed)
+        np.random.seed(first.seed)
+        body = load_backbone(first.backbone)
+        settings = [_jsonable(c, skip=("progress",)) for c in configs]
+        check_ranks_agree(
+            "backbone fingerprint and settings",
+            json.dumps([body.fingerprint(), settings], sort_keys=True, default=str),
+            world,
+        )
+        runs = [TaskRun(config, body, world, bf16) for config in configs]
+        start = time.perf_counter()
+        _drive(runs, show=first.progress and world.is_main)
+        seconds = time.perf_counter() - start
+        ok = True
+        return [run.result(seconds) for run in runs]
+    finally:
+        close_world(world, ok)
+
+
+def _drive(runs: list[TaskRun], show: bool) -> None:
+    """Step the runs round-robin until each is done (one run: the plain training loop)."""
+    desc = f"train {runs[0].task.name}" if len(runs) == 1 else f"train {len(runs)} tasks"
+    bar = tqdm(
+        total=sum(r.total_steps for r in runs),
+        initial=sum(r.step for r in runs),
+        desc=desc,
+        unit="step",
+        disable=not show,
+        dynamic_ncols=True,
+    )
+    with logging_redirect_tqdm() if show else nullcontext():
+        while not all(run.done for run in runs):
+            for run in runs:
+                if run.done:
+                    continue
+                run.train_step()
+                if show:
+                    bar.total = sum(r.total_steps for r in runs)  # an early stop shortens the job
+                    bar.update(1)
+                    loss, correct, count = run.running
+                    postfix = {"best": " ".join(f"{max(r.best, 0):.3f}" for r in runs)}
+                    if count:
+                        postfix = {"loss": f"{loss / count:.4f}", "acc": f"{correct / count:.3f}", **postfix}
+                    bar.set_postfix(postfix)
+    bar.close()
+
+
+def _restore(config: TrainConfig, model: FPT, optimizer, device) -> tuple[int, float, list]:
+    last = config.out / "last"
+    if not (last / TRAINER_STATE_FILE).is_file():
+        raise CheckpointError(f"--resume: {last} has no saved training state; start without --resume")
+    saved = read_checkpoint_config(last)
+    if saved["task"] != config.task or saved["task_options"] != get_task(config.task, **config.task_options).options:
+        raise CheckpointError(
+            f"--resume: {last} belongs to task {saved['task']} {saved['task_options']}, not this run; use another --out"
+        )
+    restored, _, _ = load_checkpoint(last, backbone=config.backbone)
+    model.load_state_dict(restored.trainable_state(), strict=False)
+    state = torch.load(last / TRAINER_STATE_FILE, map_location=device, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["best"], state["history"]
+
+
+def _jsonable(config: TrainConfig, skip: tuple[str, ...] = ()) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items() if k not in skip}
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data_dir: Path | None = None, download: bool = False, device: str = "auto", batch_size: int = 128
+) -> dict:
+    """Held-out accuracy of a saved checkpoint."""
+    dev = resolve_device(device)
+    model, task, _ = load_checkpoint(checkpoint)
+    data = task.load_data("test", data_dir, download, seed=0)
+    result = evaluate(
+        model.to(dev), torch.from_numpy(data.inputs), torch.from_numpy(data.labels), batch_size, dev, dev.type == "cuda"
+    )
+    return {"task": task.name, "examples": len(data.labels), **result}
