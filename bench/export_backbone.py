@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         feed = {
             "hidden": rng.standard_normal((batch, args.length, d), dtype=np.float32),
             "attention_mask": np.ones((batch, args.length), np.int64),
-            "norm_weight": np.ascontiguousarray(np.broadcast_to(weight, (batch, n_norm, d))),
-            "norm_bias": np.ascontiguousarray(np.broadcast_to(bias, (batch, n_norm, d))),
+            "norm_weight": np.broadcast_to(weight, (batch, n_norm, d)).copy(),
+            "norm_bias": np.broadcast_to(bias, (batch, n_norm, d)).copy(),
         }
         tensors = [torch.from_numpy(feed[k]) for k in ("hidden", "attention_mask", "norm_weight", "norm_bias")]
 

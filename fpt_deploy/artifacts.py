@@ -100,8 +100,10 @@ class BackboneArtifact:
 
     def path(self, root: Path, variant: str = "fp32") -> Path:
         if variant not in self.files:
-            raise ArtifactError(f"backbone {self.fingerprint[:16]} has no {variant!r} variant "
-                                f"(has {', '.join(self.files)}); export it first")
+            raise ArtifactError(
+                f"backbone {self.fingerprint[:16]} has no {variant!r} variant "
+                f"(has {', '.join(self.files)}); export it first"
+            )
         return verify_file(root, self.files[variant], self.sha256[variant])
 
 
@@ -162,10 +164,13 @@ class Repository:
     def to_manifest(self) -> dict:
         return {
             "format": REPOSITORY_FORMAT,
-            "backbones": {fp: {k: v for k, v in b.__dict__.items() if k != "fingerprint"}
-                          for fp, b in self.backbones.items()},
-            "tasks": {name: {"file": f"{task_dir(name)}/task.json", "fingerprint": t.fingerprint}
-                      for name, t in self.tasks.items()},
+            "backbones": {
+                fp: {k: v for k, v in b.__dict__.items() if k != "fingerprint"} for fp, b in self.backbones.items()
+            },
+            "tasks": {
+                name: {"file": f"{task_dir(name)}/task.json", "fingerprint": t.fingerprint}
+                for name, t in self.tasks.items()
+            },
         }
 
     def save_manifest(self) -> None:

@@ -70,15 +70,19 @@ def read_checkpoint_config(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE} is corrupt ({e}); retrain or restore the checkpoint") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an fpt-deploy checkpoint (format {config.get('format')!r})"
-                              if isinstance(config, dict) else f"{path / CONFIG_FILE} is not a JSON object")
+        raise CheckpointError(
+            f"{path} is not an fpt-deploy checkpoint (format {config.get('format')!r})"
+            if isinstance(config, dict)
+            else f"{path / CONFIG_FILE} is not a JSON object"
+        )
     return config
 
 
-def load_checkpoint(path: str | Path, backbone: str | None = None):
-    """Rebuild the model a checkpoint describes; returns ``(model, task, config)``.
+def load_checkpoint(path: str | Path, backbone: str | None = None, device: str = "cpu"):
+    """Rebuild the model a checkpoint describes, on ``device``; returns ``(model, task, config)``.
 
     ``backbone`` overrides where the body comes from (a local folder, say); its fingerprint must match.
+    Bodies are shared per process (``load_backbone`` caches them), so the body moves to ``device`` too.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -105,7 +109,9 @@ def load_checkpoint(path: str | Path, backbone: str | None = None):
     problems = sorted(set(expected) ^ set(state))
     problems += [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if problems:
-        raise CheckpointError(f"{path} does not fit task {task.name!r} (tensors {', '.join(problems)}): "
-                              "it was written for another task or version")
+        raise CheckpointError(
+            f"{path} does not fit task {task.name!r} (tensors {', '.join(problems)}): "
+            "it was written for another task or version"
+        )
     model.load_state_dict(state, strict=False)
-    return model, task, config
+    return model.to(device), task, config

@@ -21,10 +21,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 log = logging.getLogger("fpt_deploy")
 
 
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap it between invocations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stderr
+        pass
 
 
 def _user_errors(fn):
@@ -45,7 +65,7 @@ def _user_errors(fn):
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_StderrHandler()], force=True)
     for noisy in ("transformers", "httpx", "huggingface_hub", "safetensors"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -94,7 +114,9 @@ def train(
     epochs: int = typer.Option(3, help="Passes over the training data (ignored with --steps)."),
     steps: int = typer.Option(None, help="Total optimizer steps; overrides --epochs."),
     batch_size: int = typer.Option(32, help="Examples per step; under torchrun the global batch, split across ranks."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (the paper's 1e-3)."),
+    lr: float = typer.Option(1e-3, help="Adam (peak) learning rate; the paper's 1e-3."),
+    schedule: Schedule = typer.Option(
+        Schedule.cosine, help="cosine: 50-step linear warmup then cosine decay to 0; constant: the paper's."),
     eval_every: int = typer.Option(None, help="Steps between held-out evaluations (default: once an epoch)."),
     stop_at: float = typer.Option(None, help="Stop once held-out accuracy reaches this (e.g. 1.0)."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when a GPU is visible."),
@@ -121,7 +143,7 @@ def train(
     names = parse_task_list(tasks) if tasks is not None else [task or "mnist"]
     settings = TrainConfig(
         task=names[0], backbone=backbone, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-        eval_every=eval_every, stop_at_accuracy=stop_at, device=device.value, bf16=bf16,
+        schedule=schedule.value, eval_every=eval_every, stop_at_accuracy=stop_at, device=device.value, bf16=bf16,
         dist_backend=dist_backend.value, seed=seed, out=out, resume=resume, data_dir=data_dir, download=download,
         progress=sys.stderr.isatty(),
     )
@@ -177,6 +199,7 @@ def serve(
     pad_tolerance: float = typer.Option(0.25, help="Padding (fraction of real tokens) allowed to merge lengths."),
     threads: int = typer.Option(None, help=THREADS_HELP),
     engine: Path = typer.Option(None, help="TensorRT engine file (default: the one recorded in the repository)."),
+    backbone: str = typer.Option(None, help="Backbone fingerprint (prefix) when the repository holds several."),
     max_body_mb: float = typer.Option(64.0, help="Larger request bodies are refused with 413."),
 ) -> None:
     """Serve every task of REPO over the Open Inference Protocol (KServe v2 HTTP, as Triton speaks it).
@@ -189,7 +212,8 @@ def serve(
     config = ServeConfig(
         repo=repo, host=host, port=port, runtime=runtime.value, backbone_variant=backbone_variant,
         max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
-        pad_tolerance=pad_tolerance, threads=threads, engine=engine, max_body_bytes=int(max_body_mb * (1 << 20)),
+        pad_tolerance=pad_tolerance, threads=threads, engine=engine, backbone=backbone,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
     )
     run_server(config)
 

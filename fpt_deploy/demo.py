@@ -123,8 +123,10 @@ def main() -> None:
     lat = np.array(latencies) * 1000
     samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("fpt_batch_rows_"))
     print(f"served {len(predicted)} held-out images: accuracy {accuracy:.4f}")
-    print(f"throughput {len(predicted) / seconds:.0f} requests/s at concurrency {args.concurrency}; "
-          f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
+    print(
+        f"throughput {len(predicted) / seconds:.0f} requests/s at concurrency {args.concurrency}; "
+        f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
+    )
     if "fpt_batch_rows_count" in samples:
         count, rows = float(samples["fpt_batch_rows_count"]), float(samples["fpt_batch_rows_sum"])
         print(f"the dynamic batcher ran {count:.0f} batches, {rows / max(count, 1):.1f} requests a batch on average")

@@ -86,6 +86,12 @@ class LoadedTask:
                 f"{where} holds token ids that must lie in [0, {self.vocab_size}), "
                 f"got values in [{array.min()}, {array.max()}]"
             )
+        if self.vocab_size:
+            real = array.reshape(len(array), -1) != 0  # token id 0 is padding
+            if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
+                raise InvalidInputError(
+                    f"{where}: each row needs at least one token, and padding (id 0) only after the last token"
+                )
         return array
 
 
@@ -152,6 +158,10 @@ class ServingModel:
         for name in wanted:
             repo.task(name)  # UnknownNameError naming the tasks it has
         self.backbone = _choose_backbone(repo, config, wanted)
+        if config.backbone and not tasks:  # serve the tasks of the chosen backbone, leave the others
+            wanted = [t for t in wanted if repo.tasks[t].fingerprint == self.backbone.fingerprint]
+            if not wanted:
+                raise ArtifactError(f"{repo.root} holds no task on backbone {self.backbone.fingerprint[:16]}")
         self.repository = repo
         self.tasks: dict[str, LoadedTask] = {}
         weights, biases = [], []

@@ -34,8 +34,15 @@ def train_tiny(out: Path, task: str = "bit-xor", backbone: str = "tiny-bert", st
         small |= {"n": 20, "patch": 5}
     if task == "listops":
         small |= {"max_len": 48, "min_len": 4, "max_depth": 3}
-    config = TrainConfig(task=task, backbone=backbone, steps=steps, batch_size=16, out=out,
-                         task_options={**small, **options}, progress=False)
+    config = TrainConfig(
+        task=task,
+        backbone=backbone,
+        steps=steps,
+        batch_size=16,
+        out=out,
+        task_options={**small, **options},
+        progress=False,
+    )
     train(config)
     return out / "best"
 

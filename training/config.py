@@ -16,7 +16,9 @@ class TrainConfig:
     epochs: int = 3  # passes over the training split (ignored when ``steps`` is set)
     steps: int | None = None  # total optimizer steps; overrides ``epochs``
     batch_size: int = 32
-    lr: float = 1e-3  # Adam, the paper's setting
+    lr: float = 1e-3  # Adam, the paper's setting (peak lr under the cosine schedule)
+    schedule: str = "cosine"  # cosine (linear warmup, then cosine decay to 0) | constant (the paper's)
+    warmup_steps: int = 50  # linear warmup for the cosine schedule (at most a tenth of the run)
     grad_clip: float = 1.0  # max grad norm, the paper's setting
     eval_every: int | None = None  # steps between evaluations; default once an epoch
     stop_at_accuracy: float | None = None  # stop once held-out accuracy reaches this
@@ -40,6 +42,10 @@ class TrainConfig:
             problems.append(f"batch size must be >= 1 (got {self.batch_size})")
         if not self.lr > 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be cosine or constant (got {self.schedule!r})")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup steps must be >= 0 (got {self.warmup_steps})")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval-every must be >= 1 (got {self.eval_every})")
         if self.device not in ("auto", "cpu", "cuda"):

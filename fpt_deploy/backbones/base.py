@@ -23,9 +23,7 @@ def layer_norm_per_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return x * weight[:, None, :] + bias[:, None, :]
 
 
-def multi_head_attention(
-    x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor
-) -> torch.Tensor:
+def multi_head_attention(x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention; ``qkv`` projects D -> 3D; ``mask`` (B, 1, L|1, L) bool, True = attend."""
     B, L, D = x.shape
     q, k, v = qkv(x).split(D, dim=-1)  # 3 x (B, L, D)

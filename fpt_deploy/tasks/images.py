@@ -69,8 +69,9 @@ class Mnist(Task):
 
     def build_spec(self) -> TaskSpec:
         p = self.options["patch"]
-        return TaskSpec(self.name, (28, 28), "uint8", (28 // p) ** 2, p * p, 0, 10, 1, 1, MNIST_LABELS,
-                        dict(self.options))
+        return TaskSpec(
+            self.name, (28, 28), "uint8", (28 // p) ** 2, p * p, 0, 10, 1, 1, MNIST_LABELS, dict(self.options)
+        )
 
     def build_preprocess(self):
         return ImagePatches(self.options["patch"], (0.1307,), (0.3081,))
@@ -93,8 +94,9 @@ class Cifar10(Task):
     def build_spec(self) -> TaskSpec:
         p = self.options["patch"]
         c = 1 if self.grey else 3
-        return TaskSpec(self.name, (32, 32, 3), "uint8", (32 // p) ** 2, p * p * c, 0, 10, 1, 1, CIFAR10_LABELS,
-                        dict(self.options))
+        return TaskSpec(
+            self.name, (32, 32, 3), "uint8", (32 // p) ** 2, p * p * c, 0, 10, 1, 1, CIFAR10_LABELS, dict(self.options)
+        )
 
     def build_preprocess(self):
         if self.grey:

@@ -48,14 +48,20 @@ class ListOps(Task):
     name = "listops"
     description = "ListOps: nested MAX/MIN/MED/SUM_MOD expressions as token ids, 10 classes (generated)"
     default_options = {
-        "max_len": 512, "min_len": 32, "max_depth": 10, "max_args": 5, "leaf_prob": 0.6,
-        "train_size": 20000, "test_size": 2000,
+        "max_len": 512,
+        "min_len": 32,
+        "max_depth": 10,
+        "max_args": 5,
+        "leaf_prob": 0.6,
+        "train_size": 20000,
+        "test_size": 2000,
     }
 
     def build_spec(self) -> TaskSpec:
         L = self.options["max_len"]
-        return TaskSpec(self.name, (L,), "int64", L, 0, len(VOCAB), 10, 1, 1, tuple(str(d) for d in range(10)),
-                        dict(self.options))
+        return TaskSpec(
+            self.name, (L,), "int64", L, 0, len(VOCAB), 10, 1, 1, tuple(str(d) for d in range(10)), dict(self.options)
+        )
 
     def build_preprocess(self):
         return TokenIds()

@@ -11,11 +11,23 @@ from fpt_deploy.backbones.hf import MINILM_CONFIG, body_from_hf, read_minilm_con
 from fpt_deploy.errors import BackboneUnavailableError, UnknownNameError
 
 TINY = {
-    "bert": (transformers.BertConfig, transformers.BertModel,
-             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, vocab_size=50)),
-    "gpt2": (transformers.GPT2Config, transformers.GPT2Model,
-             dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0)),
+    "bert": (
+        transformers.BertConfig,
+        transformers.BertModel,
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            vocab_size=50,
+        ),
+    ),
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2Model,
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0),
+    ),
 }
 
 
@@ -111,6 +123,10 @@ def test_minilm_body_reproduces_the_shipped_model():
         ref = hf(input_ids=ids).last_hidden_state
         embeds = hf.embeddings.word_embeddings(ids)
         w, b = body.default_norms()
-        ours = body(embeds + body.default_positions()[:12], torch.ones(2, 12, dtype=torch.long),
-                    w.expand(2, -1, -1), b.expand(2, -1, -1))
+        ours = body(
+            embeds + body.default_positions()[:12],
+            torch.ones(2, 12, dtype=torch.long),
+            w.expand(2, -1, -1),
+            b.expand(2, -1, -1),
+        )
     assert (ref - ours).abs().max().item() <= 1e-4

@@ -32,8 +32,23 @@ def test_help_names_the_commands():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = _run("train", "--task", "bit-xor", "--backbone", "tiny-bert", "--steps", "3", "--batch-size", "8",
-             "-o", "train_size=32", "-o", "test_size=16", "--out", str(out))
+    r = _run(
+        "train",
+        "--task",
+        "bit-xor",
+        "--backbone",
+        "tiny-bert",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "-o",
+        "train_size=32",
+        "-o",
+        "test_size=16",
+        "--out",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     assert "best held-out accuracy" in r.output and "trainable" in r.output
     return out
@@ -64,8 +79,9 @@ def test_missing_data():
 
 
 def test_bad_settings_are_listed_together():
-    _assert_clean_error(_run("train", "--task", "bit-xor", "--batch-size", "0", "--lr", "-1"),
-                        "batch size", "lr must be")
+    _assert_clean_error(
+        _run("train", "--task", "bit-xor", "--batch-size", "0", "--lr", "-1"), "batch size", "lr must be"
+    )
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, run_dir):

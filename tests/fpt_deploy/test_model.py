@@ -10,8 +10,13 @@ from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
 
 TRAINABLE = {
-    "input_head.embed.weight", "input_head.embed.bias", "input_head.position",
-    "norm_weight", "norm_bias", "output_head.linear.weight", "output_head.linear.bias",
+    "input_head.embed.weight",
+    "input_head.embed.bias",
+    "input_head.position",
+    "norm_weight",
+    "norm_bias",
+    "output_head.linear.weight",
+    "output_head.linear.bias",
 }
 CASES = [
     ("mnist", {}, (10,)),

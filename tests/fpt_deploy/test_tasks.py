@@ -49,7 +49,7 @@ def test_bit_memory_query_is_a_masked_copy_of_one_string():
     strings, query = data.inputs[:, :100].reshape(50, 5, 20), data.inputs[:, 100:]
     shown = query != 2
     assert 0.3 < shown.mean() < 0.7
-    for s, q, show, y in zip(strings, query, shown, data.labels):
+    for s, q, show, y in zip(strings, query, shown, data.labels, strict=True):
         assert any((row == y).all() for row in s)
         np.testing.assert_array_equal(q[show], y[show])
 
@@ -64,7 +64,7 @@ def test_generated_train_and_test_differ_and_repeat():
 def test_listops_labels_evaluate_the_expression():
     task = get_task("listops", max_len=64, min_len=4, train_size=30, test_size=1)
     data = task.load_data("train")
-    for ids, label in zip(data.inputs, data.labels):
+    for ids, label in zip(data.inputs, data.labels, strict=True):
         tokens = [VOCAB[i] for i in ids if i]
         stack = [[]]
         for t in tokens:

@@ -201,6 +201,8 @@ def test_oversized_request_is_refused(model, make_inputs):
         ("vec", "input", np.full((1, 4, 3), np.nan, np.float32), "NaN or inf"),
         ("vec", "input", np.zeros((9, 4, 3), np.float32), "between 1 and 8 rows"),
         ("tok", "input", np.full((1, 6), 7, np.int64), r"token ids that must lie in \[0, 7\)"),
+        ("tok", "input", np.zeros((1, 6), np.int64), "at least one token"),
+        ("tok", "input", np.array([[3, 0, 4, 0, 0, 0]], np.int64), "padding .id 0. only after the last token"),
     ],
 )
 def test_check_input_names_what_was_expected(model, task, name, array, message):

@@ -54,6 +54,7 @@ def _config(tmp_path, **overrides) -> TrainConfig:
         steps=6,
         batch_size=16,
         out=tmp_path / "run",
+        device="cpu",  # the body is cached per process: keep it on one device across tests
         task_options=SMALL_XOR,
         progress=False,
         eval_every=3,

@@ -27,7 +27,15 @@ OPTIONS = [
 
 def _settings(**overrides) -> TrainConfig:
     return TrainConfig(
-        **{"backbone": "tiny-bert", "steps": 4, "batch_size": 16, "eval_every": 2, "progress": False, **overrides}
+        **{
+            "backbone": "tiny-bert",
+            "steps": 4,
+            "batch_size": 16,
+            "eval_every": 2,
+            "progress": False,
+            "device": "cpu",
+            **overrides,
+        }
     )
 
 
@@ -161,7 +169,8 @@ def test_cli_tasks_writes_one_run_folder_per_task(tmp_path):
     ],
 )
 def test_cli_task_list_errors_exit_2(args, message, tmp_path):
-    result = CliRunner().invoke(app, ["train", *args, "-b", "tiny-bert", "--steps", "1", "--out", str(tmp_path)])
+    cli_args = ["train", *args, "-b", "tiny-bert", "--steps", "1", "--device", "cpu", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, cli_args)
     assert result.exit_code == 2, result.output
     assert message in result.output
 

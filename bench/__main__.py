@@ -1,0 +1,89 @@
+"""``python -m bench``: the whole benchmark suite in one run (see ``bench/suite.py``).
+
+    python -m bench                      # default: ~10 minutes on 2 cores
+    python -m bench --quick              # ~2 minutes once artifacts are cached (smaller counts, shorter levels)
+    python -m bench --repo deploy --checkpoint runs/mnist/best --out bench/results
+
+Writes ``<out>/suite.json`` (``suite_quick.json`` with --quick), PNG plots in ``<out>``, and the
+``BENCHMARKS.md`` table (``--markdown``), and prints the table. Exit status 1 when a section failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bench.report import render_markdown
+from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def parse_args(argv: list[str] | None = None) -> SuiteConfig:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller counts and shorter levels (~2 minutes)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON results and plots")
+    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="the table ('' to skip)")
+    p.add_argument("--work", type=Path, help="cache of built artifacts (default <out>/work)")
+    p.add_argument("--repo", type=Path, help="deployment repository with an MNIST-shaped task (default: built)")
+    p.add_argument("--task", help="task of --repo to serve (default: its mnist task)")
+    p.add_argument("--checkpoint", type=Path, help="MNIST checkpoint (default runs/mnist/best, else trained)")
+    p.add_argument("--backbone", help="backbone of a checkpoint trained here (default minilm)")
+    p.add_argument("--train-steps", type=int, help="steps of a checkpoint trained here")
+    p.add_argument("--mix", type=int, help="distinct tasks mixed in the load (default 2)")
+    p.add_argument("--concurrency", type=_ints, help="comma-separated, default 1,8,32")
+    p.add_argument("--seconds", type=float, dest="level_seconds", help="at most this long per load level")
+    p.add_argument("--requests", type=int, dest="level_requests", help="at most this many requests per level")
+    p.add_argument("--memory-tasks", type=_ints, help="fpt-deploy server task counts, default 1,10,50")
+    p.add_argument("--baseline-memory-tasks", type=_ints, help="per-task baseline counts, default 1,10")
+    p.add_argument("--threads", type=int, help="intra-op threads everywhere (default physical cores)")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("matplotlib", "PIL", "torch", "onnxscript", "onnx_ir", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "out",
+            "work",
+            "repo",
+            "task",
+            "checkpoint",
+            "backbone",
+            "train_steps",
+            "mix",
+            "concurrency",
+            "level_seconds",
+            "level_requests",
+            "memory_tasks",
+            "baseline_memory_tasks",
+            "threads",
+        )
+        if getattr(args, k) is not None
+    }
+    overrides["markdown"] = args.markdown if str(args.markdown) else None
+    overrides["plots"] = not args.no_plots
+    overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
+    return SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    results = run_suite(config)
+    print(render_markdown(results))  # the console table; the files hold the same
+    for kind, where in results.get("files", {}).items():
+        print(f"{kind}: {where}")
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Turns the suite's results into ratios, goal checks, PNG plots and the BENCHMARKS.md table.
+
+Every plotted figure is a ratio against a baseline measured in the same run (the torch-per-task
+server, the raw backbone, the 1-task server, full fine-tuning), so a busy or a faster machine moves
+numerator and denominator together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("bench.report")
+
+FPT_PREFIX = "fpt-deploy "
+TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
+
+
+def _at(table: dict, key: int):
+    """``table[key]`` whether the keys are ints (in memory) or strings (read back from JSON)."""
+    if key in table:
+        return table[key]
+    return table.get(str(key))
+
+
+def _level(levels: list[dict], concurrency: int) -> dict | None:
+    return next((lv for lv in levels if lv["concurrency"] == concurrency), None)
+
+
+def summarize(results: dict) -> dict:
+    """Per-level ratios (vs both baselines and vs the raw backbone) and the issue's goals, met or not."""
+    levels = results.get("load", {}).get("levels", {})
+    raw = results.get("backbone", {}).get("rows_per_s", {})
+    max_batch = int(results.get("config", {}).get("max_batch_size", 32))
+    rows = []
+    for name, contender in levels.items():
+        for lv in contender:
+            c = lv["concurrency"]
+            row = {k: lv.get(k) for k in ("concurrency", "rows_per_s", "p50_ms", "p99_ms", "p99_over_p50", "errors")}
+            row["contender"] = name
+            for base in (TORCH_PER_TASK, ORT_PER_TASK):
+                ref = _level(levels.get(base, []), c)
+                ok = ref and ref["rows_per_s"]
+                row[f"over_{base.replace(' ', '_')}"] = lv["rows_per_s"] / ref["rows_per_s"] if ok else None
+            if name.startswith(FPT_PREFIX):
+                ceiling = _at(raw.get(f"ort {name[len(FPT_PREFIX) :]}", {}), min(c, max_batch))
+                row["raw_backbone_rows_per_s"] = ceiling
+                row["over_raw_backbone"] = lv["rows_per_s"] / ceiling if ceiling else None
+            rows.append(row)
+
+    def find(contender: str, c: int) -> dict | None:
+        return next((r for r in rows if r["contender"] == contender and r["concurrency"] == c), None)
+
+    goals = []
+
+    def goal(what: str, value, target: float, higher_is_better: bool = True, note: str = "") -> None:
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        goals.append(
+            {
+                "goal": what,
+                "value": value,
+                "target": target,
+                "higher_is_better": higher_is_better,
+                "met": met,
+                "note": note,
+            }
+        )
+
+    top = max((lv["concurrency"] for c in levels.values() for lv in c), default=32)
+    for variant in ("fp32", "int8"):
+        r = find(f"{FPT_PREFIX}{variant}", top)
+        goal(f"server {variant} c={top} / torch per task", r and r.get("over_torch_per_task"), 2.0)
+        goal(
+            f"server {variant} c={top} / raw backbone {variant} batch {min(top, max_batch)}",
+            r and r.get("over_raw_backbone"),
+            0.85,
+        )
+        r8 = find(f"{FPT_PREFIX}{variant}", 8)
+        goal(f"server {variant} p99/p50 at c=8", r8 and r8.get("p99_over_p50"), 3.0, higher_is_better=False)
+    fp32, int8 = _at(raw.get("ort fp32", {}), max_batch), _at(raw.get("ort int8", {}), max_batch)
+    goal(f"raw backbone int8 / fp32 at batch {max_batch}", int8 / fp32 if fp32 and int8 else None, 1.8)
+    acc = results.get("int8_accuracy", {})
+    task = results.get("repository", {}).get("task")
+    drop = acc.get(task, {}).get("drop_points") if task else None
+    real = results.get("checkpoint", {}).get("real")
+    goal(
+        "int8 accuracy drop (points, held-out MNIST)",
+        drop,
+        0.5,
+        higher_is_better=False,
+        note="" if real else "checkpoint trained briefly here: not meaningful",
+    )
+    mem = results.get("memory", {}).get(f"{FPT_PREFIX}fp32", [])
+    if len(mem) >= 2:
+        goal(
+            f"server RSS {mem[-1]['tasks']} tasks / 1 task",
+            mem[-1]["rss_mb"] / mem[0]["rss_mb"],
+            1.2,
+            higher_is_better=False,
+        )
+    gemm = results.get("gemm", {}).get("peak_float32_gflops")
+    flops = results.get("backbone", {}).get("flops_per_row")
+    peak = {}
+    if gemm and flops:
+        for name, by_batch in raw.items():
+            rate = _at(by_batch, max_batch)
+            if rate:
+                peak[name] = rate * flops / 1e9 / gemm
+    return {"levels": rows, "goals": goals, "fraction_of_gemm_peak": peak, "top_concurrency": top}
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def write_plots(results: dict, out: Path) -> list[Path]:
+    """PNG figures, each a ratio against a baseline of the same run; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    summary = results.get("summary") or summarize(results)
+    rows = summary["levels"]
+
+    def save(fig, name: str) -> None:
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    contenders = [c for c in dict.fromkeys(r["contender"] for r in rows)]
+    concurrencies = sorted({r["concurrency"] for r in rows})
+    if rows and any(r.get("over_torch_per_task") for r in rows):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(len(contenders), 1)
+        for i, name in enumerate(contenders):
+            values = [
+                next(
+                    (
+                        r.get("over_torch_per_task") or 0
+                        for r in rows
+                        if r["contender"] == name and r["concurrency"] == c
+                    ),
+                    0,
+                )
+                for c in concurrencies
+            ]
+            xs = [k + (i - (len(contenders) - 1) / 2) * width for k in range(len(concurrencies))]
+            ax.bar(xs, values, width, label=name)
+        ax.axhline(2.0, color="k", ls="--", lw=1, label="goal 2x")
+        ax.set_xticks(range(len(concurrencies)), [f"c={c}" for c in concurrencies])
+        ax.set_ylabel("rows/s / torch per task (same c)")
+        ax.set_title("Mixed-task serving throughput vs one PyTorch model per task")
+        ax.legend(fontsize=8)
+        save(fig, "throughput_vs_torch_per_task.png")
+
+    fpt_rows = [r for r in rows if r["contender"].startswith(FPT_PREFIX) and r.get("over_raw_backbone")]
+    if fpt_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["contender"] for r in fpt_rows):
+            mine = [r for r in fpt_rows if r["contender"] == name]
+            ax.plot([r["concurrency"] for r in mine], [r["over_raw_backbone"] for r in mine], "o-", label=name)
+        ax.axhline(0.85, color="k", ls="--", lw=1, label="goal 0.85")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (one row a request)")
+        ax.set_ylabel("server rows/s / raw backbone rows/s")
+        ax.set_title("Server overhead: fraction of the raw backbone (batch = min(c, max batch))")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        save(fig, "server_over_raw_backbone.png")
+
+    backbone = results.get("backbone", {}).get("rows_per_s", {})
+    torch_rates = backbone.get("torch eager", {})
+    if backbone and torch_rates:
+        batches = sorted(int(b) for b in torch_rates)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = [n for n in backbone if n != "torch eager"]
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = [(_at(backbone[name], b) or 0) / _at(torch_rates, b) for b in batches]
+            ax.bar([k + (i - (len(names) - 1) / 2) * width for k in range(len(batches))], values, width, label=name)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylabel("rows/s / PyTorch eager body")
+        ax.set_title("Raw backbone throughput vs PyTorch eager (same run)")
+        ax.legend(fontsize=8)
+        save(fig, "backbone_vs_torch.png")
+
+    memory = results.get("memory", {})
+    base = memory.get(f"{FPT_PREFIX}fp32", [])
+    if base:
+        ref = base[0]["rss_mb"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, points in memory.items():
+            measured = [p for p in points if p["measured"]]
+            line = ax.plot([p["tasks"] for p in measured], [p["rss_mb"] / ref for p in measured], "o-", label=name)
+            guessed = [measured[-1], *[p for p in points if not p["measured"]]] if measured else []
+            if len(guessed) > 1:
+                ax.plot(
+                    [p["tasks"] for p in guessed],
+                    [p["rss_mb"] / ref for p in guessed],
+                    "x--",
+                    color=line[0].get_color(),
+                    label=f"{name} (extrapolated)",
+                )
+        ax.set_yscale("log")
+        ax.set_xlabel("tasks loaded")
+        ax.set_ylabel("RSS / fpt-deploy RSS with 1 task")
+        ax.set_title("Resident memory vs tasks loaded")
+        ax.legend(fontsize=8)
+        save(fig, "memory_vs_tasks.png")
+
+    steps = results.get("training", {}).get("steps", [])
+    ref = next((s for s in steps if s["mode"] != "fpt" and s["precision"] == "fp32"), None)
+    if steps and ref:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [f"{s['mode']}\n{s['precision']}" for s in steps]
+        ax.bar(range(len(steps)), [s["steps_per_s"] / ref["steps_per_s"] for s in steps])
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xticks(range(len(steps)), labels, fontsize=8)
+        ax.set_ylabel("steps/s / full fine-tuning fp32")
+        ax.set_title("CPU training step speed (same model, same batch)")
+        save(fig, "training_vs_full_finetune.png")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
+    if value is None:
+        return none
+    return format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: Path | None = None) -> str:
+    summary = results.get("summary") or summarize(results)
+    m = results.get("machine", {})
+    cfg = results.get("config", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m bench{' --quick' if results.get('quick') else ''}` on {results.get('started')} "
+        f"in {results.get('seconds')} s. Every ratio is against a baseline measured in the same run. "
+        "Re-run on a quiet machine for figures to quote; the load average below says how busy this one was.",
+        "",
+        "Reproduce: `make bench` (= `.venv/bin/python -m bench`, about 10 minutes on 2 cores) or "
+        "`.venv/bin/python -m bench --quick` (about 2 minutes once the artifacts are cached); "
+        "`--repo DIR --checkpoint runs/mnist/best` to measure a real deployment. Results: "
+        "`bench/results/suite.json` (`suite_quick.json`), plots `bench/results/*.png`. The suite is "
+        "`bench/suite.py`; the baselines' server is `bench/baseline_server.py`.",
+        "",
+        "## Machine",
+        "",
+    ]
+    flags = ", ".join(k for k, v in m.get("flags", {}).items() if v) or "-"
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    env = ", ".join(f"{k}={v}" for k, v in sorted(m.get("env", {}).items())) or "-"
+    lines += _table(
+        ["what", "value"],
+        [
+            ["CPU", str(m.get("cpu"))],
+            ["cores (physical / logical)", f"{m.get('cores_physical')} / {m.get('cores_logical')}"],
+            ["memory", f"{m.get('memory_gb')} GB"],
+            ["SIMD flags", flags],
+            ["versions", versions],
+            ["thread environment", env],
+            [
+                "load average (1 min) start / end",
+                f"{_fmt(m.get('load_avg_1m_start'), '.2f')} / {_fmt(m.get('load_avg_1m_end'), '.2f')}",
+            ],
+        ],
+    )
+    ck = results.get("checkpoint", {})
+    if ck:
+        lines += [
+            "## Setup",
+            "",
+            f"- Backbone **{ck.get('backbone')}** ({ck.get('fingerprint')}); checkpoint `{ck.get('path')}` "
+            f"({ck.get('source')}, held-out accuracy {_fmt(ck.get('test_accuracy'), '.4f')}).",
+            f"- Tasks mixed in the load: {', '.join(results.get('tasks', []))} (MNIST-shaped rows, 49 tokens; "
+            "clones of one task's heads under new names). One real held-out image a request, binary KServe v2, "
+            "tasks round-robin, closed loop.",
+            f"- Server and baselines: max batch {cfg.get('max_batch_size')}, max queue delay "
+            f"{cfg.get('max_queue_delay_ms')} ms, intra-op threads {cfg.get('threads') or 'physical cores'}.",
+            "- **torch per task**: `bench/baseline_server.py --runtime torch`: FastAPI + uvicorn, each task its own "
+            "PyTorch FPT with its own body copy, one worker thread that batches what is waiting (same max batch "
+            "and delay) and runs one call per task present.",
+            "- **ort per task**: the same server, each task's whole model (heads + body) exported to its own ONNX "
+            "and run in its own ONNX Runtime session (same session options as fpt-deploy).",
+            "",
+        ]
+    for note in results.get("notes", []):
+        lines.append(f"> {note}")
+    if results.get("notes"):
+        lines.append("")
+    goals = summary.get("goals", [])
+    if goals:
+        lines += ["## Goals (issue 5)", ""]
+        lines += _table(
+            ["goal", "measured", "target", "met"],
+            [
+                [
+                    g["goal"],
+                    _fmt(g["value"], ".2f"),
+                    f"{'>=' if g['higher_is_better'] else '<='} {g['target']:g}",
+                    ("-" if g["met"] is None else "yes" if g["met"] else "**no**")
+                    + (f" ({g['note']})" if g["note"] else ""),
+                ]
+                for g in goals
+            ],
+        )
+    levels = summary.get("levels", [])
+    if levels:
+        lines += ["## Mixed-task serving throughput (one row a request)", ""]
+        lines += _table(
+            [
+                "contender",
+                "c",
+                "rows/s",
+                "p50 ms",
+                "p99 ms",
+                "p99/p50",
+                "/ torch per task",
+                "/ ort per task",
+                "/ raw backbone",
+                "errors",
+            ],
+            [
+                [
+                    r["contender"],
+                    str(r["concurrency"]),
+                    _fmt(r["rows_per_s"]),
+                    _fmt(r["p50_ms"]),
+                    _fmt(r["p99_ms"]),
+                    _fmt(r["p99_over_p50"], ".2f"),
+                    _fmt(r.get("over_torch_per_task"), ".2f"),
+                    _fmt(r.get("over_ort_per_task"), ".2f"),
+                    _fmt(r.get("over_raw_backbone"), ".2f"),
+                    str(r["errors"]),
+                ]
+                for r in sorted(levels, key=lambda r: (r["concurrency"], r["contender"]))
+            ],
+        )
+    bb = results.get("backbone", {})
+    if bb:
+        rates = bb["rows_per_s"]
+        batches = sorted({int(b) for v in rates.values() for b in v})
+        gemm = results.get("gemm", {})
+        lines += [
+            f"## Raw backbone ({bb['backbone']}, {bb['row_tokens']} tokens a row, {bb['threads']} threads)",
+            "",
+        ]
+        if gemm:
+            lines += [
+                f"Matrix-product peak ({gemm.get('size')}^3, {gemm.get('threads')} threads, best call): torch "
+                f"float32 {_fmt(gemm.get('float32_gflops'))} GFLOP/s, numpy float32 "
+                f"{_fmt(gemm.get('numpy_float32_gflops'))} GFLOP/s, torch bf16 "
+                f"{_fmt(gemm.get('bfloat16_gflops'))} GFLOP/s; the float32 peak is the larger float32 figure. "
+                f"One row through the body is {_fmt((bb.get('flops_per_row') or 0) / 1e9, '.3f')} GFLOP.",
+                "",
+            ]
+        torch_rates = rates.get("torch eager", {})
+        peak = summary.get("fraction_of_gemm_peak", {})
+        lines += _table(
+            [
+                "contender",
+                *[f"batch {b} rows/s" for b in batches],
+                "/ torch eager (largest batch)",
+                "of fp32 GEMM peak (largest batch)",
+            ],
+            [
+                [
+                    name,
+                    *[_fmt(_at(v, b)) for b in batches],
+                    _fmt((_at(v, batches[-1]) or 0) / (_at(torch_rates, batches[-1]) or float("nan")), ".2f"),
+                    _fmt(100 * peak[name], ".0f") + "%" if name in peak else "-",
+                ]
+                for name, v in rates.items()
+            ],
+        )
+    acc = results.get("int8_accuracy", {})
+    if acc:
+        lines += ["## int8 accuracy (export's held-out check)", ""]
+        lines += _table(
+            ["task", "fp32", "int8", "drop (points)"],
+            [
+                [
+                    t,
+                    _fmt(100 * a["fp32"], ".2f") + "%",
+                    _fmt(100 * a["int8"], ".2f") + "%",
+                    _fmt(a["drop_points"], ".2f"),
+                ]
+                for t, a in acc.items()
+            ],
+        )
+    mem = results.get("memory", {})
+    if mem:
+        counts = sorted({p["tasks"] for pts in mem.values() for p in pts})
+        lines += ["## Resident memory (RSS after every task answered)", ""]
+        cells = []
+        for name, pts in mem.items():
+            by = {p["tasks"]: p for p in pts}
+            cells.append(
+                [
+                    name,
+                    *[
+                        (_fmt(by[c]["rss_mb"], ".0f") + (" MB" if by[c]["measured"] else " MB (extrapolated)"))
+                        if c in by
+                        else "-"
+                        for c in counts
+                    ],
+                ]
+            )
+        lines += _table(["contender", *[f"{c} task(s)" for c in counts]], cells)
+    tr = results.get("training", {})
+    if tr.get("steps"):
+        ref = next((s for s in tr["steps"] if s["mode"] != "fpt" and s["precision"] == "fp32"), None)
+        lines += [f"## Training step speed on CPU ({tr['backbone']}, {tr['task']}, batch {tr['batch']})", ""]
+        lines += _table(
+            ["step", "precision", "trainable params", "steps/s", "rows/s", "/ full fine-tuning fp32"],
+            [
+                [
+                    s["mode"],
+                    s["precision"],
+                    f"{s['trainable_params']:,}",
+                    _fmt(s["steps_per_s"], ".2f"),
+                    _fmt(s["rows_per_s"]),
+                    _fmt(s["steps_per_s"] / ref["steps_per_s"], ".2f") if ref else "-",
+                ]
+                for s in tr["steps"]
+            ],
+        )
+    if plots_dir is not None:
+        pngs = [Path(p) for p in results.get("files", {}).get("plots", [])]  # this run's, not stale ones
+        if pngs:
+            lines += ["## Plots", ""]
+            for p in pngs:
+                rel = os.path.relpath(p.resolve(), relative_to) if relative_to else str(p)
+                lines.append(f"![{p.stem}]({rel})")
+            lines.append("")
+    if results.get("errors"):
+        lines += ["## Sections that failed", ""]
+        lines += [f"- **{k}**: `{v}`" for k, v in results["errors"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict, path: Path, plots_dir: Path | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_markdown(results, plots_dir, path.parent.resolve()))

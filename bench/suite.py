@@ -1,0 +1,818 @@
+"""The benchmark suite: every figure of issue 5 measured in ONE run, on the same tasks and inputs.
+
+    .venv/bin/python -m bench [--quick] [--repo DIR] [--checkpoint DIR] [--out bench/results]
+
+Sections (``SECTIONS``), in the order they run:
+
+- ``gemm``: float32 (and bf16) matrix-product GFLOP/s with torch on this CPU: the machine's limit.
+- ``backbone``: the shared body alone at batch 1, 8, 32 (32 = the server's ceiling): ONNX Runtime fp32 and
+  int8 with the server's own session options (``serving.runtime.OrtRuntime``), and the PyTorch eager body.
+  Contenders alternate in short rounds and the best round counts (the machine is shared).
+- ``load``: four servers on 127.0.0.1, all driven by the same closed-loop load generator
+  (``bench.serve_load.load``): one MNIST row a request in the binary KServe v2 format, tasks mixed
+  round-robin, concurrency 1, 8, 32, a bounded number of requests and seconds per level. Contenders:
+  the fpt-deploy server (fp32 and int8 backbone), "torch per task" and "ort per task"
+  (``bench.baseline_server``: one complete model per task, what a user without fpt-deploy writes).
+  Levels alternate between contenders so a burst of load elsewhere hits all of them.
+- ``memory``: resident memory (RSS) of each server once every task has answered, with 1, 10, 50 tasks
+  (fpt-deploy) and 1, 10 (baselines; 50 extrapolated linearly, marked as such).
+- ``training``: optimizer steps/s of the FPT step vs full fine-tuning of the same model and batch,
+  fp32 and bf16 autocast, on CPU.
+
+Tasks: the MNIST checkpoint (``--checkpoint``, else ``runs/mnist/best``, else a short run trained here)
+and ``mix - 1`` clones of its heads under new names: MNIST-shaped rows of distinct tasks. Throughput
+does not depend on head values; the int8 accuracy check does, so it is only meaningful for a real
+checkpoint (the results say which one was used). Artifacts built here (checkpoint, repository with
+the int8 variant, per-task full-model ONNX) are cached under ``<out>/work`` and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http.client
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.serve_load import binary_request, clone_tasks, free_port
+
+log = logging.getLogger("bench.suite")
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("gemm", "backbone", "load", "memory", "training")
+FPT_FP32, FPT_INT8 = "fpt-deploy fp32", "fpt-deploy int8"
+TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
+
+
+@dataclass
+class SuiteConfig:
+    """What to measure and how long; ``quick()`` gives the ~2 minute variant."""
+
+    out: Path = ROOT / "bench" / "results"  # JSON results and PNG plots
+    markdown: Path | None = ROOT / "BENCHMARKS.md"  # the table; None: not written
+    work: Path | None = None  # cache of built artifacts; default <out>/work
+    repo: Path | None = None  # deployment repository with an MNIST-shaped task; default: built here
+    checkpoint: Path | None = None  # MNIST checkpoint; default runs/mnist/best, else trained here
+    backbone: str = "minilm"  # for a checkpoint trained here
+    train_steps: int = 40  # steps of a checkpoint trained here (throughput work only)
+    task: str | None = None  # task of --repo to serve (default: its mnist task)
+    mix: int = 2  # distinct tasks mixed in the load (the task and mix-1 clones)
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    level_seconds: float = 8.0  # at most this long per load level
+    level_requests: int = 2000  # at most this many requests per load level
+    memory_tasks: tuple[int, ...] = (1, 10, 50)  # fpt-deploy server
+    baseline_memory_tasks: tuple[int, ...] = (1, 10)  # per-task baselines (larger counts extrapolated)
+    raw_batches: tuple[int, ...] = (1, 8, 32)
+    raw_seconds: float = 1.0  # per round and contender
+    raw_rounds: int = 2
+    gemm_size: int = 2048
+    gemm_seconds: float = 2.0
+    train_batch: int = 32
+    train_timed_steps: int = 5  # timed optimizer steps per training configuration (after 1 warm-up)
+    train_seconds: float = 20.0  # at most this long per training configuration
+    threads: int | None = None  # intra-op threads everywhere; default physical cores
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    plots: bool = True
+    skip: tuple[str, ...] = ()  # sections not to run
+    quick_mode: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.skip if s not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+        if self.mix < 1:
+            raise ValueError(f"mix must be >= 1 (got {self.mix})")
+        self.out = Path(self.out)
+        self.work = Path(self.work) if self.work else self.out / "work"
+
+    @classmethod
+    def quick(cls, **overrides) -> SuiteConfig:
+        quick = dict(
+            train_steps=10,
+            concurrency=(1, 8, 32),
+            level_seconds=2.0,
+            level_requests=400,
+            memory_tasks=(1, 10, 50),
+            baseline_memory_tasks=(1, 3),
+            raw_seconds=0.4,
+            raw_rounds=2,
+            gemm_seconds=1.0,
+            train_timed_steps=2,
+            train_seconds=5.0,
+            quick_mode=True,
+        )
+        return cls(**{**quick, **overrides})
+
+
+@dataclass
+class Prepared:
+    """The artifacts every section uses."""
+
+    checkpoint: Path
+    checkpoint_info: dict
+    repo: Path  # the source repository (fp32 + int8 backbone when available)
+    task: str  # its MNIST-shaped task
+    variants: list[str]  # backbone variants present
+    mixed: Path  # a copy holding the task and its clones
+    tasks: list[str]  # names served in the load
+    full_onnx: Path | None  # the task's whole model in one graph (ort per task)
+    rows: np.ndarray  # real held-out inputs (n, 28, 28) uint8
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def machine_facts() -> dict:
+    """CPU, cores, SIMD flags that matter here, library versions, thread-related environment."""
+    import onnxruntime
+    import psutil
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+        torch_threads = torch.get_num_threads()
+    except ImportError:
+        torch_threads = None
+    keys = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_", "ORT_"))}
+    return {
+        "cpu": cpu,
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_logical": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "flags": {k: k in flags for k in keys},
+        "versions": versions,
+        "torch_threads": torch_threads,
+        "env": env,
+        "load_avg_1m_start": os.getloadavg()[0],
+        "platform": platform.platform(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ servers
+
+
+def load(port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max_requests: int, max_seconds: float):
+    """Closed loop on 127.0.0.1: ``concurrency`` clients, each sending its next request when the last returned.
+
+    Bounded by ``max_requests`` and ``max_seconds``; request ``n`` is ``bodies[n % len(bodies)]``.
+    Failed requests are counted (with the first failure's text), never timed.
+    """
+    import threading
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    issued = [0]
+    stop_at = time.perf_counter() + max_seconds
+
+    def client() -> None:
+        mine = []
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    if issued[0] >= max_requests:
+                        break
+                    n = issued[0]
+                    issued[0] += 1
+                task, body, headers = bodies[n % len(bodies)]
+                t0 = time.perf_counter()
+                try:
+                    conn.request("POST", f"/v2/models/{task}/infer", body, headers)
+                    response = conn.getresponse()
+                    text = response.read()
+                except OSError as e:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                if response.status != 200:
+                    with lock:
+                        errors.append(f"HTTP {response.status}: {text[:200]!r}")
+                    continue
+                mine.append(time.perf_counter() - t0)
+        finally:
+            conn.close()
+            with lock:
+                latencies.extend(mine)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max_seconds + 120)
+    seconds = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if len(lat) else (None, None)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "seconds": seconds,
+        "rows_per_s": len(latencies) / seconds,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p99_over_p50": p99 / p50 if p50 else None,
+    }
+
+
+class ServerProcess:
+    """A server in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on exit, always."""
+
+    def __init__(self, name: str, argv: list[str], port: int, timeout: float = 300) -> None:
+        self.name, self.port = name, port
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="fpt-bench-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, *argv], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.timeout = timeout
+
+    def wait_ready(self) -> ServerProcess:
+        deadline = time.monotonic() + self.timeout
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = Path(self.log.name).read_text()[-3000:]
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start:\n{tail}")
+            time.sleep(0.2)
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            conn.request("GET", "/v2/health/ready")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
+
+
+def fpt_server(repo: Path, variant: str, cfg: SuiteConfig) -> ServerProcess:
+    port = free_port()
+    argv = ["-m", "fpt_deploy.cli", "-q", "serve", "--repo", str(repo), "--port", str(port)]
+    argv += ["--backbone-variant", variant, "--max-batch-size", str(cfg.max_batch_size)]
+    argv += ["--max-queue-delay-ms", str(cfg.max_queue_delay_ms)]
+    if cfg.threads:
+        argv += ["--threads", str(cfg.threads)]
+    return ServerProcess(f"fpt-deploy {variant}", argv, port)
+
+
+def baseline_server(runtime: str, models: dict[str, Path], cfg: SuiteConfig) -> ServerProcess:
+    port = free_port()
+    argv = ["-m", "bench.baseline_server", "--runtime", runtime, "--port", str(port)]
+    argv += ["--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms", str(cfg.max_queue_delay_ms)]
+    for name, path in models.items():
+        argv += ["--model", f"{name}={path}"]
+    if cfg.threads:
+        argv += ["--threads", str(cfg.threads)]
+    return ServerProcess(f"{runtime} per task", argv, port)
+
+
+def start_all(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
+    """Wait for every started server; on any failure stop them all and re-raise."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+# ------------------------------------------------------------------------------------------- preparation
+
+
+def _file_key(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def resolve_checkpoint(cfg: SuiteConfig) -> tuple[Path, dict]:
+    """The MNIST checkpoint: given, the lead's ``runs/mnist/best``, or a short run trained (and cached) here."""
+    from fpt_deploy.checkpoint import read_checkpoint_config, resolve_checkpoint
+
+    default = ROOT / "runs" / "mnist" / "best"
+    if cfg.checkpoint:
+        path, source = resolve_checkpoint(cfg.checkpoint), "given (--checkpoint)"
+    elif (default / "config.json").is_file() and read_checkpoint_config(default).get("backbone") == cfg.backbone:
+        path, source = default, "runs/mnist/best"
+    else:
+        out = cfg.work / f"train-mnist-{cfg.backbone}-{cfg.train_steps}"
+        if not (out / "best" / "config.json").is_file():
+            from training import TrainConfig, train
+
+            log.info("no MNIST checkpoint for %s: training %d steps into %s", cfg.backbone, cfg.train_steps, out)
+            train(
+                TrainConfig(
+                    task="mnist",
+                    backbone=cfg.backbone,
+                    steps=cfg.train_steps,
+                    eval_every=cfg.train_steps,
+                    batch_size=32,
+                    device="cpu",
+                    out=out,
+                    progress=False,
+                )
+            )
+        path, source = out / "best", f"trained here ({cfg.train_steps} steps): throughput only"
+    config = read_checkpoint_config(path)
+    info = {
+        "path": str(path),
+        "source": source,
+        "task": config["task"],
+        "backbone": config["backbone"],
+        "fingerprint": config["fingerprint"][:16],
+        "test_accuracy": config.get("metrics", {}).get("test_accuracy"),
+        "real": not source.startswith("trained here"),
+    }
+    return path, info
+
+
+def build_repository(cfg: SuiteConfig, checkpoint: Path) -> Path:
+    """A deployment repository of ``checkpoint`` with the int8 variant (cached under ``work``)."""
+    from export import ExportConfig, export_task
+    from fpt_deploy.artifacts import open_repository
+
+    repo = cfg.work / f"repo-{_file_key(checkpoint)}"
+    if (repo / "manifest.json").is_file():
+        r = open_repository(repo)
+        if r.tasks and all("int8" in b.files for b in r.backbones.values()):
+            return repo
+    log.info("exporting %s (fp32 + int8) into %s", checkpoint, repo)
+    # force: the suite measures speed; the accuracy report is read from the manifest and judged there.
+    export_task(ExportConfig(checkpoints=[checkpoint], repo=repo, quantize="int8", force=True, validation_rows=64))
+    return repo
+
+
+def export_full_model(checkpoint: Path, path: Path) -> float:
+    """The task's whole model (input head + body + output head) as ONE ONNX graph; max |ORT - torch|."""
+    import onnxruntime as ort
+    import torch
+
+    from export.graphs import example_raw_input
+    from export.onnx_workarounds import export_onnx
+    from fpt_deploy.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint)[0].eval()
+    if not path.is_file():
+        log.info("exporting the full model of %s to %s (ort per task baseline)", checkpoint, path)
+        tmp = path.with_suffix(".tmp")
+        export_onnx(
+            model,
+            (example_raw_input(model.spec),),
+            tmp,
+            input_names=("input",),
+            output_names=("logits",),
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset=18,
+        )
+        os.replace(tmp, path)
+    raw = np.random.default_rng(0).integers(0, 256, (4, *model.spec.input_shape)).astype(model.spec.input_dtype)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(raw)).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": raw})[0]
+    return float(np.abs(got - expected).max())
+
+
+def _pick_task(repo: Path, wanted: str | None) -> str:
+    from fpt_deploy.artifacts import open_repository
+
+    tasks = open_repository(repo).tasks
+    if wanted:
+        if wanted not in tasks:
+            raise ValueError(f"task {wanted!r} is not in {repo} (has {', '.join(sorted(tasks))})")
+        return wanted
+    shaped = sorted(n for n, t in tasks.items() if list(t.input["shape"][1:]) == [28, 28])
+    if not shaped:
+        raise ValueError(f"{repo} has no MNIST-shaped task (input [-1, 28, 28]); pass --task or another --repo")
+    return "mnist" if "mnist" in shaped else shaped[0]
+
+
+def prepare(cfg: SuiteConfig, scratch: Path) -> Prepared:
+    from fpt_deploy.artifacts import open_repository
+    from fpt_deploy.tasks import get_task
+
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    notes = []
+    checkpoint, info = resolve_checkpoint(cfg)
+    if not info["real"]:
+        notes.append(
+            f"No real MNIST checkpoint (runs/mnist/best) for {cfg.backbone}: a {cfg.train_steps}-step run was "
+            "trained here. Throughput and memory figures are unaffected; the int8 accuracy comparison is not "
+            "meaningful."
+        )
+    repo = cfg.repo or build_repository(cfg, checkpoint)
+    task = _pick_task(repo, cfg.task)
+    r = open_repository(repo)
+    art = r.tasks[task]
+    backbone = r.backbones[art.fingerprint]
+    if art.fingerprint[:16] != info["fingerprint"]:
+        notes.append(
+            f"The repository's task {task} and the checkpoint {checkpoint} have different backbones: "
+            "the baselines serve the checkpoint's model."
+        )
+    variants = [v for v in ("fp32", "int8") if v in backbone.files]
+    if "int8" not in variants:
+        notes.append(f"{repo} has no int8 backbone (`fpt-deploy export --quantize int8`): int8 rows are missing.")
+    mixed = scratch / "mixed"
+    tasks = clone_tasks(repo, task, cfg.mix, mixed)
+    full_onnx, diff = cfg.work / f"full-{_file_key(checkpoint)}.onnx", None
+    try:
+        diff = export_full_model(checkpoint, full_onnx)
+        log.info("full-model ONNX vs torch: max |diff| %.2e", diff)
+    except Exception as e:  # noqa: BLE001  (the ort baseline is then reported missing, the rest runs)
+        log.warning("full-model ONNX export failed: %s", e)
+        notes.append(f"The per-task full-model ONNX export failed ({e}); no 'ort per task' baseline.")
+        full_onnx = None
+    info["full_onnx_max_abs_diff"] = diff
+    rows = get_task(art.spec["name"], **art.spec.get("options", {})).load_data("test").inputs[:64]
+    return Prepared(checkpoint, info, repo, task, variants, mixed, tasks, full_onnx, np.ascontiguousarray(rows), notes)
+
+
+def int8_accuracy(repo: Path) -> dict:
+    """The export's held-out accuracy report, fp32 vs int8, per task (from the manifest)."""
+    from fpt_deploy.artifacts import open_repository
+
+    out = {}
+    for b in open_repository(repo).backbones.values():
+        report = b.extra.get("int8", {})
+        for name, acc in report.get("accuracy", {}).items():
+            out[name] = {**acc, "drop_points": 100 * (acc["fp32"] - acc["int8"])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def bench_gemm(cfg: SuiteConfig) -> dict:
+    """Matrix-product peak of this CPU with torch: n^3 products, float32 and bf16 alternating, best call."""
+    import torch
+
+    from serving.runtime import physical_cores
+
+    torch.set_num_threads(cfg.threads or physical_cores())
+    n = cfg.gemm_size
+    operands = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        operands[str(dtype).split(".")[1]] = (a, b, torch.mm(a, b))  # the first call warms the thread pool
+    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    calls = {name: (lambda a=a, b=b, c=c: torch.mm(a, b, out=c)) for name, (a, b, c) in operands.items()}
+    calls["numpy_float32"] = lambda: np.matmul(x, x)  # numpy's BLAS (OpenBLAS: OPENBLAS_* applies)
+    best = dict.fromkeys(calls, float("inf"))
+    start, rounds = time.perf_counter(), 0
+    while rounds < 3 or (time.perf_counter() - start < cfg.gemm_seconds and rounds < 1000):
+        for name, fn in calls.items():  # alternate: a burst of load elsewhere hits every contender
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        rounds += 1
+    out = {"size": n, "threads": torch.get_num_threads(), "rounds": rounds}
+    out |= {f"{name}_gflops": 2 * n**3 / seconds / 1e9 for name, seconds in best.items()}
+    out["peak_float32_gflops"] = max(out["float32_gflops"], out["numpy_float32_gflops"])
+    return out
+
+
+def body_flops_per_row(config: dict, length: int) -> float | None:
+    """Multiply-adds x2 of one row through a BERT/GPT-2 body: the dense layers plus attention."""
+    d = config.get("hidden_size") or config.get("n_embd")
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    ff = config.get("intermediate_size") or config.get("n_inner") or (4 * d if d else None)
+    if not (d and layers and ff):
+        return None
+    dense = 2 * length * (4 * d * d + 2 * d * ff)  # qkv (3 D^2) + attention output (D^2) + the two FF layers
+    attention = 4 * length * length * d  # Q.K^T and P.V
+    return float(layers * (dense + attention))
+
+
+def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
+    """Rows/s of the body alone: ORT (server session options) fp32/int8 and PyTorch eager, per batch."""
+    import torch
+
+    from fpt_deploy.artifacts import open_repository, verify_file
+    from fpt_deploy.backbones import load_backbone
+    from serving.runtime import OrtRuntime, create_head_session, physical_cores
+
+    r = open_repository(prep.repo)
+    art = r.tasks[prep.task]
+    b = r.backbones[art.fingerprint]
+    weight, bias = art.load_norms(r.root)
+    length = int(art.spec["seq_len"])
+    threads = cfg.threads or physical_cores()
+    torch.set_num_threads(threads)
+    runtimes = {v: OrtRuntime(b.path(r.root, v), weight[None], bias[None], threads=threads) for v in prep.variants}
+    body = load_backbone(b.name).eval()
+    head = create_head_session(verify_file(r.root, art.files["input"], art.sha256["input"]))
+    results: dict[str, dict[int, float]] = {f"ort {v}": {} for v in runtimes} | {"torch eager": {}}
+    for batch in cfg.raw_batches:
+        # What the server's backbone sees: the task's input head on real held-out rows.
+        raw = prep.rows[np.arange(batch) % len(prep.rows)]
+        hidden, mask = head.run(None, {"input": raw})  # (B, L, D) float32, (B, L) int64
+        index = np.zeros(batch, np.int64)
+        t_args = (
+            torch.from_numpy(hidden),
+            torch.from_numpy(mask),
+            torch.from_numpy(weight).expand(batch, -1, -1),
+            torch.from_numpy(bias).expand(batch, -1, -1),
+        )
+
+        def run_torch(t_args=t_args):
+            with torch.inference_mode():
+                body(*t_args)
+
+        contenders = {
+            f"ort {v}": (lambda rt=rt, h=hidden, m=mask, i=index: rt.run_backbone(h, m, i))
+            for v, rt in runtimes.items()
+        }
+        contenders["torch eager"] = run_torch
+        for fn in contenders.values():
+            fn()  # warm-up: first calls allocate
+        for _ in range(cfg.raw_rounds):  # alternate, so a burst of load elsewhere hits every contender
+            for name, fn in contenders.items():
+                calls, t0 = 0, time.perf_counter()
+                while calls < 2 or (time.perf_counter() - t0 < cfg.raw_seconds and calls < 10_000):
+                    fn()
+                    calls += 1
+                rate = calls * batch / (time.perf_counter() - t0)
+                results[name][batch] = max(results[name].get(batch, 0.0), rate)
+    for rt in runtimes.values():
+        rt.close()
+    return {
+        "backbone": b.name,
+        "row_tokens": length,
+        "threads": threads,
+        "flops_per_row": body_flops_per_row(b.extra.get("config", {}), length),
+        "rows_per_s": results,
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:7.1f}"
+
+
+def _bodies(prep: Prepared) -> list[tuple[str, bytes, dict]]:
+    """Requests cycled by the load generator: one real held-out row each, tasks round-robin."""
+    n = max(len(prep.tasks), min(len(prep.rows), 16))
+    return [(prep.tasks[i % len(prep.tasks)], *binary_request(prep.rows[i % len(prep.rows)][None])) for i in range(n)]
+
+
+def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
+    """Every contender's throughput and latency at each concurrency, levels alternating between contenders."""
+    servers: dict[str, ServerProcess] = {}
+    for variant in prep.variants:
+        servers[f"fpt-deploy {variant}"] = fpt_server(prep.mixed, variant, cfg)
+    servers[TORCH_PER_TASK] = baseline_server("torch", dict.fromkeys(prep.tasks, prep.checkpoint), cfg)
+    if prep.full_onnx:
+        servers[ORT_PER_TASK] = baseline_server("ort", dict.fromkeys(prep.tasks, prep.full_onnx), cfg)
+    bodies = _bodies(prep)
+    levels: dict[str, list[dict]] = {name: [] for name in servers}
+    start_all(servers)
+    try:
+        for server in servers.values():  # warm-up: every task, every batch size the levels reach
+            load(server.port, bodies, max(cfg.concurrency), max_requests=4 * max(cfg.concurrency), max_seconds=20)
+        for c in cfg.concurrency:
+            for name, server in servers.items():
+                level = load(server.port, bodies, c, cfg.level_requests, cfg.level_seconds)
+                levels[name].append(level)
+                log.info(
+                    "%-16s c=%-3d %7.1f rows/s  p50 %s ms  p99 %s ms  errors %d%s",
+                    name,
+                    c,
+                    level["rows_per_s"],
+                    _ms(level["p50_ms"]),
+                    _ms(level["p99_ms"]),
+                    level["errors"],
+                    f" (first: {level['first_error']})" if level["errors"] else "",
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"tasks": prep.tasks, "requests_cycled": len(bodies), "levels": levels}
+
+
+def _memory_point(server: ServerProcess, names: list[str], rows: np.ndarray) -> float:
+    """RSS once every task has answered requests at the server's batch sizes."""
+    server.wait_ready()
+    try:
+        bodies = [(name, *binary_request(rows[i % len(rows)][None])) for i, name in enumerate(names)]
+        warm = load(server.port, bodies, 8, max_requests=max(2 * len(names), 64), max_seconds=60)
+        if warm["errors"]:
+            raise RuntimeError(f"{server.name}: {warm['errors']} requests failed, first: {warm['first_error']}")
+        return server.rss_mb()
+    finally:
+        server.stop()
+
+
+def bench_memory(cfg: SuiteConfig, prep: Prepared, scratch: Path) -> dict:
+    """RSS with N tasks loaded: fpt-deploy (one backbone, N heads) vs one whole model per task."""
+    out: dict[str, list[dict]] = {}
+    counts = sorted(set(cfg.memory_tasks) | set(cfg.baseline_memory_tasks))
+    fpt_rows = []
+    for count in sorted(cfg.memory_tasks):
+        repo = scratch / f"memory-{count}"
+        names = clone_tasks(prep.repo, prep.task, count, repo)
+        rss = _memory_point(fpt_server(repo, "fp32", cfg), names, prep.rows)
+        shutil.rmtree(repo, ignore_errors=True)
+        fpt_rows.append({"tasks": count, "rss_mb": rss, "measured": True})
+        log.info("fpt-deploy fp32 with %3d task(s): RSS %.1f MB", count, rss)
+    out[FPT_FP32] = fpt_rows
+    baselines = {TORCH_PER_TASK: ("torch", prep.checkpoint)}
+    if prep.full_onnx:
+        baselines[ORT_PER_TASK] = ("ort", prep.full_onnx)
+    for name, (runtime, path) in baselines.items():
+        rows = []
+        for count in sorted(cfg.baseline_memory_tasks):
+            names = [prep.task] + [f"{prep.task}-clone{k}" for k in range(1, count)]
+            rss = _memory_point(baseline_server(runtime, dict.fromkeys(names, path), cfg), names, prep.rows)
+            rows.append({"tasks": count, "rss_mb": rss, "measured": True})
+            log.info("%s with %3d task(s): RSS %.1f MB", name, count, rss)
+        if len(rows) >= 2:  # linear in the task count: each task holds a whole model
+            (n0, m0), (n1, m1) = (rows[0]["tasks"], rows[0]["rss_mb"]), (rows[-1]["tasks"], rows[-1]["rss_mb"])
+            per_task = (m1 - m0) / (n1 - n0)
+            for count in counts:
+                if count > n1:
+                    rows.append({"tasks": count, "rss_mb": m1 + per_task * (count - n1), "measured": False})
+        out[name] = rows
+    return out
+
+
+def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
+    """Optimizer steps/s: the FPT step (heads, positions, norms train) vs full fine-tuning, fp32 and bf16."""
+    import torch
+
+    from fpt_deploy.backbones import load_backbone
+    from fpt_deploy.model import FPT
+    from fpt_deploy.tasks import get_task
+    from serving.runtime import physical_cores
+    from training.loop import autocast, loss_and_correct
+
+    torch.set_num_threads(cfg.threads or physical_cores())
+    task = get_task("mnist")
+    data = task.load_data("train")
+    x = torch.from_numpy(data.inputs[: cfg.train_batch])
+    y = torch.from_numpy(data.labels[: cfg.train_batch])
+    base = load_backbone(prep.checkpoint_info["backbone"])
+    device = torch.device("cpu")
+    rows = []
+    for bf16 in (False, True):
+        for mode in ("fpt", "full fine-tuning"):
+            torch.manual_seed(0)
+            model = FPT(task, copy.deepcopy(base)).train()
+            if mode != "fpt":
+                for p in model.parameters():
+                    p.requires_grad_(True)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=1e-3)
+
+            def step(model=model, params=params, optimizer=optimizer, bf16=bf16) -> float:
+                with autocast(device, bf16):
+                    logits = model(x)
+                loss = loss_and_correct(logits, y)[0]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                return loss.detach().item()
+
+            step()  # warm-up: allocations, Adam state
+            steps, t0 = 0, time.perf_counter()
+            while steps < 1 or (steps < cfg.train_timed_steps and time.perf_counter() - t0 < cfg.train_seconds):
+                loss = step()
+                steps += 1
+            seconds = time.perf_counter() - t0
+            rows.append(
+                {
+                    "mode": mode,
+                    "precision": "bf16 autocast" if bf16 else "fp32",
+                    "steps": steps,
+                    "steps_per_s": steps / seconds,
+                    "rows_per_s": steps * cfg.train_batch / seconds,
+                    "trainable_params": sum(p.numel() for p in params),
+                    "last_loss": loss,
+                }
+            )
+            log.info("training %-16s %-13s %.2f steps/s", mode, rows[-1]["precision"], rows[-1]["steps_per_s"])
+    return {"task": "mnist", "batch": cfg.train_batch, "backbone": prep.checkpoint_info["backbone"], "steps": rows}
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def run_suite(cfg: SuiteConfig) -> dict:
+    """Run every section not skipped; write JSON, plots and markdown; return the results.
+
+    A failing section is recorded (``errors``) and the others still run.
+    """
+    from bench.report import summarize, write_markdown, write_plots
+
+    started = time.time()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "suite": "fpt-deploy bench",
+        "quick": cfg.quick_mode,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": machine_facts(),
+        "errors": {},
+        "notes": [],
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="fpt-bench-suite-"))
+    try:
+        prep = prepare(cfg, scratch)
+        results["notes"] += prep.notes
+        results["checkpoint"] = prep.checkpoint_info
+        results["repository"] = {"path": str(prep.repo), "task": prep.task, "variants": prep.variants}
+        results["tasks"] = prep.tasks
+        results["int8_accuracy"] = int8_accuracy(prep.repo)
+        sections = {
+            "gemm": lambda: bench_gemm(cfg),
+            "backbone": lambda: bench_backbone(cfg, prep),
+            "load": lambda: bench_load(cfg, prep),
+            "memory": lambda: bench_memory(cfg, prep, scratch),
+            "training": lambda: bench_training(cfg, prep),
+        }
+        for name, fn in sections.items():
+            if name in cfg.skip:
+                continue
+            t0 = time.perf_counter()
+            log.info("== %s", name)
+            try:
+                results[name] = fn()
+            except Exception as e:  # noqa: BLE001  (recorded; the other sections still run)
+                log.error("section %s failed: %s", name, e)
+                results["errors"][name] = "".join(traceback.format_exception_only(type(e), e)).strip()
+                log.debug("%s", traceback.format_exc())
+            results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+    except Exception as e:  # noqa: BLE001  (preparation failed: nothing else can run; still write what we have)
+        log.error("preparation failed: %s", e)
+        results["errors"]["prepare"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    results["seconds"] = round(time.time() - started, 1)
+    results["summary"] = summarize(results)
+    name = "suite_quick.json" if cfg.quick_mode else "suite.json"
+    (cfg.out / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results["files"] = {"json": str(cfg.out / name)}
+    if cfg.plots:
+        try:
+            results["files"]["plots"] = [str(p) for p in write_plots(results, cfg.out)]
+        except Exception as e:  # noqa: BLE001
+            log.error("plots failed: %s", e)
+            results["errors"]["plots"] = str(e)
+    if cfg.markdown:
+        write_markdown(results, Path(cfg.markdown), cfg.out)
+        results["files"]["markdown"] = str(cfg.markdown)
+    return results
+
+
+__all__ = ["SECTIONS", "SuiteConfig", "run_suite"]

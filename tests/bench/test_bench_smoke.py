@@ -1,0 +1,97 @@
+"""The benchmark suite's quick path end to end on tiny-bert: files and keys, never timings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.suite import SECTIONS, SuiteConfig, run_suite  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    config = SuiteConfig.quick(
+        checkpoint=tiny_checkpoints["mnist"],
+        out=out / "results",
+        markdown=out / "BENCHMARKS.md",
+        concurrency=(1, 4),
+        level_seconds=0.5,
+        level_requests=40,
+        memory_tasks=(1, 3),
+        baseline_memory_tasks=(1, 2),
+        raw_batches=(1, 4),
+        raw_seconds=0.05,
+        raw_rounds=1,
+        gemm_size=128,
+        gemm_seconds=0.05,
+        train_batch=8,
+        train_timed_steps=1,
+        max_batch_size=4,
+    )
+    return out, run_suite(config)
+
+
+def test_every_section_ran_and_json_is_written(suite):
+    out, results = suite
+    assert results["errors"] == {}
+    saved = json.loads((out / "results" / "suite_quick.json").read_text())
+    for key in ("machine", "checkpoint", "repository", "tasks", "int8_accuracy", "summary", *SECTIONS):
+        assert key in saved, key
+    assert saved["repository"]["variants"] == ["fp32", "int8"]
+    assert len(saved["tasks"]) == 2  # a mixed load: the task and a clone under another name
+    assert set(saved["machine"]["flags"]) >= {"avx512f", "avx512_vnni", "avx512_bf16"}
+    assert {"numpy", "onnxruntime", "torch"} <= set(saved["machine"]["versions"])
+
+
+def test_load_has_every_contender_and_level(suite):
+    _, results = suite
+    levels = results["load"]["levels"]
+    assert set(levels) == {"fpt-deploy fp32", "fpt-deploy int8", "torch per task", "ort per task"}
+    for contender in levels.values():
+        assert [lv["concurrency"] for lv in contender] == [1, 4]
+        assert all(lv["errors"] == 0 and lv["requests"] > 0 for lv in contender)
+    rows = results["summary"]["levels"]
+    fpt = [r for r in rows if r["contender"].startswith("fpt-deploy")]
+    assert fpt and all(r["over_torch_per_task"] and r["over_raw_backbone"] for r in fpt)
+
+
+def test_memory_and_training_rows(suite):
+    _, results = suite
+    mem = results["memory"]
+    assert [p["tasks"] for p in mem["fpt-deploy fp32"]] == [1, 3]
+    torch_rows = mem["torch per task"]
+    assert [p["measured"] for p in torch_rows] == [True, True, False]  # 3 tasks: extrapolated
+    steps = results["training"]["steps"]
+    assert {(s["mode"], s["precision"]) for s in steps} == {
+        (m, p) for m in ("fpt", "full fine-tuning") for p in ("fp32", "bf16 autocast")
+    }
+    fp32 = {s["mode"]: s for s in steps if s["precision"] == "fp32"}
+    fpt, full = fp32["fpt"], fp32["full fine-tuning"]
+    assert fpt["trainable_params"] < full["trainable_params"]
+
+
+def test_markdown_and_plots(suite):
+    out, results = suite
+    text = (out / "BENCHMARKS.md").read_text()
+    for heading in (
+        "## Machine",
+        "## Goals (issue 5)",
+        "## Mixed-task serving throughput",
+        "## Raw backbone",
+        "## Resident memory",
+        "## Training step speed",
+        "## Plots",
+    ):
+        assert heading in text, heading
+    plots = results["files"]["plots"]
+    assert len(plots) == 5
+    for p in plots:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
