@@ -3,12 +3,15 @@
     python -m bench.export_backbone                     # minilm, MNIST shape (L=49), batch 1, 8, 32
     python -m bench.export_backbone --backbone tiny-bert --seconds 0.2   # smoke
     python -m bench.export_backbone --transformer-optimizer              # also the ORT optimizer's graph
+    python -m bench.export_backbone --fp32-residual-sums                 # also fp32 without SkipLayerNorm
 
 The graphs are the ones ``fpt-deploy export`` writes (``export.write_backbone_graph``, then
 ``export.quantize_backbone_int8``), built in a temporary folder. Each contender runs in short rounds
 that alternate between contenders, and the best round counts: on a machine shared with other work
 that is the figure closest to what the contender can do. Rows per second; ratios against PyTorch
-measured in the same run.
+measured in the same run; int8 against fp32 as exported. ``--fp32-residual-sums`` also times the fp32
+graph with the int8 graph's one structural change (``export.quantize.residual_sums``), which tells the
+part of the int8 speed-up that is quantization from the part that is the avoided SkipLayerNorm kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def _rows_per_second(fn, batch: int, seconds: float) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return calls * batch / elapsed
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _transformer_optimized(src: Path, dst: Path, heads: int, hidden: int) -> None:
@@ -64,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--transformer-optimizer", action="store_true", help="also time the ORT optimizer's graph")
+    p.add_argument(
+        "--fp32-residual-sums", action="store_true", help="also time fp32 with the int8 graph's Add->Sum rewrite"
+    )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
@@ -80,6 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
         graphs = {"ort fp32": Path(tmp) / "backbone.onnx", "ort int8": Path(tmp) / "backbone.int8.onnx"}
         write_backbone_graph(body, graphs["ort fp32"], opset=18)
         quantize_backbone_int8(graphs["ort fp32"], graphs["ort int8"])
+        if args.fp32_residual_sums:
+            import onnx
+
+            from export.quantize import residual_sums
+
+            model = onnx.load(str(graphs["ort fp32"]))
+            residual_sums(model)
+            graphs["ort fp32 sums"] = Path(tmp) / "backbone.sums.onnx"
+            onnx.save(model, str(graphs["ort fp32 sums"]))
         if args.transformer_optimizer:
             graphs["ort fp32 + transformer optimizer"] = Path(tmp) / "backbone.opt.onnx"
             _transformer_optimized(graphs["ort fp32"], graphs["ort fp32 + transformer optimizer"], body.heads, d)
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     weight, bias = (t.numpy() for t in body.default_norms())
     results = {}
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_model()
     print(
         f"{args.backbone} body, L={args.length}, {args.threads} threads, {cpu}, "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}"
@@ -120,11 +145,21 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k} {v:7.1f} rows/s" + ("" if k == "torch" else f" ({v / best['torch']:.2f}x torch)")
             for k, v in best.items()
         )
-        print(f"batch {batch:3d}: {line}; int8/fp32 {best['ort int8'] / best['ort fp32']:.2f}x")
+        ratio = f"int8/fp32 {best['ort int8'] / best['ort fp32']:.2f}x"
+        if "ort fp32 sums" in best:
+            ratio += f", int8/(fp32 sums) {best['ort int8'] / best['ort fp32 sums']:.2f}x"
+        print(f"batch {batch:3d}: {line}; {ratio}")
     if args.out:
         args.out.write_text(
             json.dumps(
-                {"backbone": args.backbone, "length": args.length, "threads": args.threads, "rows_per_second": results},
+                {
+                    "backbone": args.backbone,
+                    "length": args.length,
+                    "threads": args.threads,
+                    "cpu": cpu,
+                    "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+                    "rows_per_second": results,
+                },
                 indent=2,
             )
         )

@@ -48,14 +48,32 @@ def train_runs(backbone: str, epochs: int, batch_size: int, lrs: list[float]) ->
     runs = []
     for lr, bf16 in [(lr, True) for lr in lrs] + [(lrs[0], False)]:
         with tempfile.TemporaryDirectory() as out:
-            config = TrainConfig(task="mnist", backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                 device="cuda", bf16=bf16, out=Path(out), progress=False)
+            config = TrainConfig(
+                task="mnist",
+                backbone=backbone,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                device="cuda",
+                bf16=bf16,
+                out=Path(out),
+                progress=False,
+            )
             r = train(config)
             history = torch.load(Path(out) / "last" / "trainer_state.pt", weights_only=False)["history"]
-        runs.append({"lr": lr, "bf16": bf16, "epochs": epochs, "batch_size": batch_size, "steps": r.steps,
-                     "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps / r.seconds, 1),
-                     "best_accuracy": r.best_accuracy,
-                     "accuracy_by_epoch": [round(h["test_accuracy"], 4) for h in history]})
+        runs.append(
+            {
+                "lr": lr,
+                "bf16": bf16,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "steps": r.steps,
+                "seconds": round(r.seconds, 2),
+                "steps_per_s": round(r.steps / r.seconds, 1),
+                "best_accuracy": r.best_accuracy,
+                "accuracy_by_epoch": [round(h["test_accuracy"], 4) for h in history],
+            }
+        )
         log.info("train %s", runs[-1])
     return runs
 
@@ -127,10 +145,12 @@ def inference_speed(backbone: str, batches: list[int], length: int = 49) -> dict
         result["ort_cuda"], diffs = {}, []
         for b in batches:
             g = np.random.default_rng(b)
-            feeds = {"hidden": g.standard_normal((b, length, d), dtype=np.float32),
-                     "attention_mask": np.ones((b, length), dtype=np.int64),
-                     "norm_weight": np.broadcast_to(body.default_norms()[0].cpu().numpy(), (b, n, d)).copy(),
-                     "norm_bias": np.broadcast_to(body.default_norms()[1].cpu().numpy(), (b, n, d)).copy()}
+            feeds = {
+                "hidden": g.standard_normal((b, length, d), dtype=np.float32),
+                "attention_mask": np.ones((b, length), dtype=np.int64),
+                "norm_weight": np.broadcast_to(body.default_norms()[0].cpu().numpy(), (b, n, d)).copy(),
+                "norm_bias": np.broadcast_to(body.default_norms()[1].cpu().numpy(), (b, n, d)).copy(),
+            }
             with torch.no_grad():
                 ref = body(*[torch.from_numpy(v).cuda() for v in feeds.values()]).cpu().numpy()
             diffs.append(float(np.abs(sess.run(None, feeds)[0] - ref).max()))
@@ -155,13 +175,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU is visible: run this on a GPU machine")
-    facts = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-             "backbone": args.backbone}
+    facts = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "backbone": args.backbone,
+    }
     t0 = time.perf_counter()
-    report = {"facts": facts,
-              "train": train_runs(args.backbone, args.epochs, args.batch_size, [float(v) for v in args.lrs.split(",")]),
-              "step_speed_batch64": step_speed(args.backbone, 64),
-              "inference": inference_speed(args.backbone, [1, 32, 256])}
+    report = {
+        "facts": facts,
+        "train": train_runs(args.backbone, args.epochs, args.batch_size, [float(v) for v in args.lrs.split(",")]),
+        "step_speed_batch64": step_speed(args.backbone, 64),
+        "inference": inference_speed(args.backbone, [1, 32, 256]),
+    }
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)

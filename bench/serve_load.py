@@ -46,31 +46,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """``fpt-deploy serve`` in a child process, stopped (SIGTERM, then SIGKILL) on exit."""
+class ServerProcess:
+    """A server in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on exit, always."""
 
-    def __init__(self, repo: Path, extra: list[str], timeout: float = 120) -> None:
-        self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fpt-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [
-            sys.executable,
-            "-m",
-            "fpt_deploy.cli",
-            "-q",
-            "serve",
-            "--repo",
-            str(repo),
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
+    def __init__(self, name: str, argv: list[str], port: int, timeout: float = 300) -> None:
+        self.name, self.port = name, port
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="fpt-bench-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, *argv], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.timeout = timeout
+
+    def wait_ready(self) -> ServerProcess:
+        deadline = time.monotonic() + self.timeout
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = Path(self.log.name).read_text()[-3000:]
                 self.stop()
-                raise RuntimeError(f"the server did not start: {Path(self.log.name).read_text()[-2000:]}")
+                raise RuntimeError(f"{self.name} did not start:\n{tail}")
             time.sleep(0.2)
+        return self
 
     def _ready(self) -> bool:
         try:
@@ -87,6 +80,12 @@ class Server:
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -95,14 +94,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.log.close()
-        os.unlink(self.log.name)
+        if not self.log.closed:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
 
-    def __enter__(self) -> Server:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def fpt_server(repo: Path, extra: list[str]) -> ServerProcess:
+    """``fpt-deploy serve`` on REPO in a child process, ready to take requests."""
+    port = free_port()
+    argv = ["-m", "fpt_deploy.cli", "-q", "serve", "--repo", str(repo), "--port", str(port), *extra]
+    return ServerProcess("fpt-deploy", argv, port).wait_ready()
 
 
 def binary_request(x: np.ndarray) -> tuple[bytes, dict]:
@@ -145,56 +146,70 @@ def task_inputs(repo: Path, tasks: list[str], rng) -> dict[str, np.ndarray]:
     return out
 
 
-def load(
-    port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max_requests: int, max_seconds: float
-) -> dict:
-    """Closed loop: ``concurrency`` clients, each sending its next request when the last one returned."""
+def load(port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max_requests: int, max_seconds: float):
+    """Closed loop on 127.0.0.1: ``concurrency`` clients, each sending its next request when the last returned.
+
+    Bounded by ``max_requests`` and ``max_seconds``; request ``n`` is ``bodies[n % len(bodies)]``.
+    Failed requests are counted (with the first failure's text), never timed.
+    """
+
     latencies: list[float] = []
-    errors = [0]
+    errors: list[str] = []
     lock = threading.Lock()
     issued = [0]
     stop_at = time.perf_counter() + max_seconds
 
-    def client(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    def client() -> None:
         mine = []
-        while time.perf_counter() < stop_at:
-            with lock:
-                if issued[0] >= max_requests:
-                    break
-                n = issued[0]
-                issued[0] += 1
-            task, body, headers = bodies[n % len(bodies)]
-            t0 = time.perf_counter()
-            conn.request("POST", f"/v2/models/{task}/infer", body, headers)
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            while time.perf_counter() < stop_at:
                 with lock:
-                    errors[0] += 1
-                continue
-            mine.append(time.perf_counter() - t0)
-        conn.close()
-        with lock:
-            latencies.extend(mine)
+                    if issued[0] >= max_requests:
+                        break
+                    n = issued[0]
+                    issued[0] += 1
+                task, body, headers = bodies[n % len(bodies)]
+                t0 = time.perf_counter()
+                try:
+                    conn.request("POST", f"/v2/models/{task}/infer", body, headers)
+                    response = conn.getresponse()
+                    text = response.read()
+                except OSError as e:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                if response.status != 200:
+                    with lock:
+                        errors.append(f"HTTP {response.status}: {text[:200]!r}")
+                    continue
+                mine.append(time.perf_counter() - t0)
+        finally:
+            conn.close()
+            with lock:
+                latencies.extend(mine)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(max_seconds + 120)
     seconds = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
+    p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if len(lat) else (None, None)
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
-        "errors": errors[0],
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
         "seconds": seconds,
         "rows_per_s": len(latencies) / seconds,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "p99_over_p50": float(np.percentile(lat, 99) / np.percentile(lat, 50)),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p99_over_p50": p99 / p50 if p50 else None,
     }
 
 
@@ -286,7 +301,7 @@ def memory(repo: Path, task: str, counts: list[int], serve_args: list[str]) -> l
         with tempfile.TemporaryDirectory(prefix="fpt-mem-") as tmp:
             names = clone_tasks(repo, task, count, Path(tmp) / "repo")
             x = task_inputs(Path(tmp) / "repo", [task], rng)[task]
-            with Server(Path(tmp) / "repo", serve_args) as server:
+            with fpt_server(Path(tmp) / "repo", serve_args) as server:
                 bodies = [(name, *binary_request(x)) for name in names]
                 load(server.port, bodies, 4, max_requests=max(2 * count, 32), max_seconds=30)  # warm every task
                 rows.append({"tasks": count, "rss_mb": server.rss_mb()})
@@ -371,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.threads:
             serve_args += ["--threads", str(args.threads)]
         bodies = [(t, *binary_request(inputs[t])) for t in tasks]
-        with Server(repo, serve_args) as server:
+        with fpt_server(repo, serve_args) as server:
             load(server.port, bodies, 4, max_requests=64, max_seconds=10)  # warm-up
             levels = [load(server.port, bodies, c, args.requests, args.seconds) for c in args.concurrency]
         lengths = {int(r.tasks[t].spec["seq_len"]) for t in tasks}

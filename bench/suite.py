@@ -30,15 +30,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.client
 import json
 import logging
 import os
 import platform
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -47,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_load import binary_request, clone_tasks, free_port
+from bench.serve_load import ServerProcess, binary_request, clone_tasks, free_port, load
 
 log = logging.getLogger("bench.suite")
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,121 +171,6 @@ def machine_facts() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ servers
-
-
-def load(port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max_requests: int, max_seconds: float):
-    """Closed loop on 127.0.0.1: ``concurrency`` clients, each sending its next request when the last returned.
-
-    Bounded by ``max_requests`` and ``max_seconds``; request ``n`` is ``bodies[n % len(bodies)]``.
-    Failed requests are counted (with the first failure's text), never timed.
-    """
-    import threading
-
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    issued = [0]
-    stop_at = time.perf_counter() + max_seconds
-
-    def client() -> None:
-        mine = []
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            while time.perf_counter() < stop_at:
-                with lock:
-                    if issued[0] >= max_requests:
-                        break
-                    n = issued[0]
-                    issued[0] += 1
-                task, body, headers = bodies[n % len(bodies)]
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", f"/v2/models/{task}/infer", body, headers)
-                    response = conn.getresponse()
-                    text = response.read()
-                except OSError as e:
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                    with lock:
-                        errors.append(f"{type(e).__name__}: {e}")
-                    continue
-                if response.status != 200:
-                    with lock:
-                        errors.append(f"HTTP {response.status}: {text[:200]!r}")
-                    continue
-                mine.append(time.perf_counter() - t0)
-        finally:
-            conn.close()
-            with lock:
-                latencies.extend(mine)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max_seconds + 120)
-    seconds = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
-    p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if len(lat) else (None, None)
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        "seconds": seconds,
-        "rows_per_s": len(latencies) / seconds,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "p99_over_p50": p99 / p50 if p50 else None,
-    }
-
-
-class ServerProcess:
-    """A server in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on exit, always."""
-
-    def __init__(self, name: str, argv: list[str], port: int, timeout: float = 300) -> None:
-        self.name, self.port = name, port
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fpt-bench-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, *argv], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.timeout = timeout
-
-    def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + self.timeout
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = Path(self.log.name).read_text()[-3000:]
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start:\n{tail}")
-            time.sleep(0.2)
-        return self
-
-    def _ready(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            conn.request("GET", "/v2/health/ready")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self.log.closed:
-            self.log.close()
-            Path(self.log.name).unlink(missing_ok=True)
 
 
 def fpt_server(repo: Path, variant: str, cfg: SuiteConfig) -> ServerProcess:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
 import export.exporter
 from export import ExportConfig, QuantizationAccuracyError, export_task
-from export.quantize import check_accuracy_drop
+from export.onnx_workarounds import residual_sums
+from export.quantize import check_accuracy_drop, quantize_backbone_int8
 from export.validate import ort_session
 from fpt_deploy.artifacts import open_repository
 
@@ -26,8 +28,7 @@ def test_int8_variant_is_added_beside_the_float_backbone(repo_copy, tiny_checkpo
     assert set(b.files) == {"fp32", "int8"}
     assert (fp32.read_bytes(), fp32.stat().st_mtime_ns) == before, "the float backbone is not rewritten"
     int8 = b.path(repo.root, "int8")
-    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(int8)).graph.node}
     assert set(result.accuracy) == {"mnist", "bit-xor"}, "every task on the body is checked, not just mnist"
     assert b.extra["int8"]["accuracy"] == result.accuracy
     # The norm tables stay float inputs: the same per-task norms feed the int8 graph.
@@ -75,3 +76,61 @@ def test_cli_refuses_a_lossy_int8_backbone_with_exit_2_unless_forced(repo_copy, 
     assert forced.exit_code == 0, forced.output
     b = open_repository(repo_copy).backbone_for("mnist")
     assert set(b.files) == {"fp32", "int8"} and b.extra["int8"]["forced"] == ["bit-xor", "mnist"]
+
+
+def _feed(b, rows=3, length=6, seed=0):
+    rng = np.random.default_rng(seed)
+    n, d = b.num_norms, b.hidden_size
+    return {
+        "hidden": rng.standard_normal((rows, length, d), dtype=np.float32),
+        "attention_mask": np.ones((rows, length), np.int64),
+        "norm_weight": (1 + 0.1 * rng.standard_normal((rows, n, d))).astype(np.float32),
+        "norm_bias": (0.1 * rng.standard_normal((rows, n, d))).astype(np.float32),
+    }
+
+
+def test_int8_graph_quantizes_every_weight_matmul_per_channel_and_runs_int8_kernels(exported, tmp_path):
+
+    repo = open_repository(exported.repo)
+    (b,) = repo.backbones.values()
+    fp32 = b.path(repo.root)
+    int8 = tmp_path / "backbone.int8.onnx"
+    quantize_backbone_int8(fp32, int8)
+    model = onnx.load(str(int8))
+    inits = {i.name: i for i in model.graph.initializer}
+    # No MatMul is left with a float weight (the FFN output layers included) ...
+    assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    integer = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 4 * b.extra["config"]["num_hidden_layers"]  # qkv, attention out, FFN in, FFN out
+    # ... and each weight has one scale per output channel.
+    for n in integer:
+        weight, zero_point = inits[n.input[1]], inits[n.input[3]]
+        assert weight.data_type == onnx.TensorProto.INT8 and list(zero_point.dims) == [weight.dims[1]]
+    # The residual sums stay out of ORT's (slow) SkipLayerNormalization; ORT runs integer kernels.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "SkipLayerNormalization" not in ops, ops
+    # The int8 body stays close to the float one, row by row, with every row's own norms.
+    feed = _feed(b)
+    want, got = ort_session(fp32).run(None, feed)[0], ort_session(int8).run(None, feed)[0]
+    assert np.abs(got - want).mean() < 0.05 * np.abs(want).mean()
+
+
+def test_residual_sums_keep_the_arithmetic(exported):
+    repo = open_repository(exported.repo)
+    (b,) = repo.backbones.values()
+    model = onnx.load(str(b.path(repo.root)))
+    feed = _feed(b, seed=1)
+    want = ort_session(b.path(repo.root)).run(None, feed)[0]
+    sums = [n for n in model.graph.node if n.op_type == "Sum"]
+    assert len(sums) == 2 * b.extra["config"]["num_hidden_layers"]  # the exported fp32 graph has them already
+    assert residual_sums(model) == 0
+    for node in sums:  # undo the rewrite: the plain Add graph computes the same
+        node.op_type = "Add"
+    assert residual_sums(model) == len(sums)
+    for node in sums:
+        node.op_type = "Add"
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
