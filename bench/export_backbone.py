@@ -4,6 +4,7 @@
     python -m bench.export_backbone --backbone tiny-bert --seconds 0.2   # smoke
     python -m bench.export_backbone --transformer-optimizer              # also the ORT optimizer's graph
     python -m bench.export_backbone --fp32-residual-sums                 # also fp32 without SkipLayerNorm
+    python -m bench.export_backbone --smoothquant 0.75                   # also int8 with SmoothQuant
 
 The graphs are the ones ``fpt-deploy export`` writes (``export.write_backbone_graph``, then
 ``export.quantize_backbone_int8``), built in a temporary folder. Each contender runs in short rounds
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--fp32-residual-sums", action="store_true", help="also time fp32 with the int8 graph's Add->Sum rewrite"
     )
+    p.add_argument(
+        "--smoothquant", type=float, metavar="ALPHA", help="also time int8 with SmoothQuant (calibrated on random rows)"
+    )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
@@ -96,6 +100,18 @@ def main(argv: list[str] | None = None) -> dict:
         graphs = {"ort fp32": Path(tmp) / "backbone.onnx", "ort int8": Path(tmp) / "backbone.int8.onnx"}
         write_backbone_graph(body, graphs["ort fp32"], opset=18)
         quantize_backbone_int8(graphs["ort fp32"], graphs["ort int8"])
+        if args.smoothquant is not None:  # speed depends on the graph's structure, not on the calibration rows
+            weight, bias = (t.numpy() for t in body.default_norms())
+            calib = [
+                {
+                    "hidden": np.random.default_rng(1).standard_normal((8, args.length, d), dtype=np.float32),
+                    "attention_mask": np.ones((8, args.length), np.int64),
+                    "norm_weight": np.broadcast_to(weight, (8, n_norm, d)).copy(),
+                    "norm_bias": np.broadcast_to(bias, (8, n_norm, d)).copy(),
+                }
+            ]
+            graphs["ort int8 sq"] = Path(tmp) / "backbone.int8sq.onnx"
+            quantize_backbone_int8(graphs["ort fp32"], graphs["ort int8 sq"], calibration=calib, alpha=args.smoothquant)
         if args.fp32_residual_sums:
             import onnx
 
@@ -146,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             for k, v in best.items()
         )
         ratio = f"int8/fp32 {best['ort int8'] / best['ort fp32']:.2f}x"
+        if "ort int8 sq" in best:
+            ratio += f", int8 sq/fp32 {best['ort int8 sq'] / best['ort fp32']:.2f}x"
         if "ort fp32 sums" in best:
             ratio += f", int8/(fp32 sums) {best['ort int8'] / best['ort fp32 sums']:.2f}x"
         print(f"batch {batch:3d}: {line}; {ratio}")

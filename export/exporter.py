@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
 FP32, INT8 = "fp32", "int8"
+CALIBRATION_ROWS = 256  # held-out rows a task lends to the int8 variant's SmoothQuant ranges
 
 
 @dataclass
@@ -205,16 +206,20 @@ def ensure_int8_backbone(repo: Repository, fp: str, data: dict, config: ExportCo
     artifact = repo.backbones[fp]
     rel = f"{backbone_dir(fp)}/backbone.int8.onnx"
     written = False
+    tasks = _ort_tasks_with_data(repo, fp, data, full=True)
     try:
         if INT8 not in artifact.files:
             raise ArtifactError("no int8 variant yet")
         artifact.path(repo.root, INT8)
     except ArtifactError:
-        write_with(repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp))
+        calibration = _calibration_feeds(tasks)
+        write_with(
+            repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp, calibration)
+        )
         written = True
     fp32, int8 = ort_session(artifact.path(repo.root, FP32)), ort_session(repo.root / rel)
     report = {}
-    for name, (ort_task, td) in _ort_tasks_with_data(repo, fp, data, full=True).items():
+    for name, (ort_task, td) in tasks.items():
         labels = td.labels
         report[name] = {
             FP32: accuracy(ort_task, fp32, td.inputs, labels),
@@ -306,6 +311,18 @@ def _ort_tasks_with_data(repo: Repository, fp: str, data: dict, full: bool = Fal
         )
         out[name] = (ort_task, data[name] if full else data[name].inputs)
     return out
+
+
+def _calibration_feeds(tasks: dict, rows: int = CALIBRATION_ROWS, chunk: int = 64) -> list[dict]:
+    """Backbone feeds for SmoothQuant's activation ranges: each task's first ``rows`` held-out rows."""
+    feeds = []
+    for ort_task, td in tasks.values():
+        raw = td.inputs[:rows]
+        for i in range(0, len(raw), chunk):
+            hidden, mask = ort_task.embed(raw[i : i + chunk])
+            weight, bias = ort_task.norm_rows(len(hidden))
+            feeds.append({"hidden": hidden, "attention_mask": mask, "norm_weight": weight, "norm_bias": bias})
+    return feeds
 
 
 def _ensure_dir(path: Path) -> Path:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import export.exporter
 from export import ExportConfig, QuantizationAccuracyError, export_task
 from export.onnx_workarounds import residual_sums
-from export.quantize import check_accuracy_drop, quantize_backbone_int8
+from export.quantize import activation_ranges, check_accuracy_drop, quantize_backbone_int8, smooth_matmuls
 from export.validate import ort_session
 from fpt_deploy.artifacts import open_repository
 
@@ -134,3 +134,28 @@ def test_residual_sums_keep_the_arithmetic(exported):
         node.op_type = "Add"
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_keeps_the_float_arithmetic_and_feeds_the_int8_graph(exported, tmp_path):
+    repo = open_repository(exported.repo)
+    (b,) = repo.backbones.values()
+    fp32 = b.path(repo.root)
+    model = onnx.load(str(fp32))
+    calibration = [_feed(b, seed=2), _feed(b, rows=2, length=4, seed=3)]
+    ranges = activation_ranges(model, calibration)
+    layers = b.extra["config"]["num_hidden_layers"]
+    assert len(ranges) == 4 * layers  # Q, K and V read one (fused) input: one range, one Mul
+    assert smooth_matmuls(model, ranges, alpha=0.75) == 4 * layers
+    onnx.checker.check_model(model)
+    feed = _feed(b, seed=4)
+    want = ort_session(fp32).run(None, feed)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    int8 = tmp_path / "backbone.int8.onnx"
+    quantize_backbone_int8(fp32, int8, calibration=calibration)
+    q = onnx.load(str(int8))
+    assert len([n for n in q.graph.node if n.name.endswith("_smooth")]) == 4 * layers
+    assert len([n for n in q.graph.node if n.op_type == "MatMulInteger"]) == 4 * layers
+    assert not list(tmp_path.glob("*.smoothed.onnx")), "the smoothed float graph is a temporary"
+    got = ort_session(int8).run(None, feed)[0]
+    assert np.abs(got - want).mean() < 0.05 * np.abs(want).mean()
