@@ -36,6 +36,8 @@ ARGS = [
     "5",
     "--device",
     "cpu",
+    "--schedule",  # runs stopped at 5 and resumed to 10 steps: a constant lr keeps them one schedule
+    "constant",
 ]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` console script, by module
 LAUNCHER_KEYS = (
