@@ -16,8 +16,12 @@ import typer
 
 from fpt_deploy.errors import FptDeployError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Frozen pretrained transformers: train per-task heads, export once, serve many tasks.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Frozen pretrained transformers: train per-task heads, export once, serve many tasks.",
+)
 log = logging.getLogger("fpt_deploy")
 
 
@@ -62,8 +66,10 @@ def _user_errors(fn):
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[_StderrHandler()], force=True)
     for noisy in ("transformers", "httpx", "huggingface_hub", "safetensors"):
@@ -103,11 +109,12 @@ class DistBackend(str, Enum):
 def train(
     task: str = typer.Option(None, "--task", "-t", help="Task to train (see `fpt-deploy tasks`; default mnist)."),
     tasks: str = typer.Option(
-        None, "--tasks",
+        None,
+        "--tasks",
         help="Several tasks trained as ONE job against one shared frozen body, comma-separated (e.g. "
-             "bit-xor,bit-memory,mnist); each gets OUT/<task>/best and OUT/<task>/last (OUT default runs). "
-             "Give an option to one task as -o TASK:KEY=VALUE (e.g. -o bit-memory:n=100); -o KEY=VALUE sets "
-             "it for every task.",
+        "bit-xor,bit-memory,mnist); each gets OUT/<task>/best and OUT/<task>/last (OUT default runs). "
+        "Give an option to one task as -o TASK:KEY=VALUE (e.g. -o bit-memory:n=100); -o KEY=VALUE sets "
+        "it for every task.",
     ),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
     backbone: str = typer.Option("minilm", "--backbone", "-b", help="Backbone name or local HF folder."),
@@ -116,13 +123,15 @@ def train(
     batch_size: int = typer.Option(32, help="Examples per step; under torchrun the global batch, split across ranks."),
     lr: float = typer.Option(1e-3, help="Adam (peak) learning rate; the paper's 1e-3."),
     schedule: Schedule = typer.Option(
-        Schedule.cosine, help="cosine: 50-step linear warmup then cosine decay to 0; constant: the paper's."),
+        Schedule.cosine, help="cosine: 50-step linear warmup then cosine decay to 0; constant: the paper's."
+    ),
     eval_every: int = typer.Option(None, help="Steps between held-out evaluations (default: once an epoch)."),
     stop_at: float = typer.Option(None, help="Stop once held-out accuracy reaches this (e.g. 1.0)."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when a GPU is visible."),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA, off on CPU)."),
     dist_backend: DistBackend = typer.Option(
-        DistBackend.auto, help="torch.distributed backend under torchrun: auto = NCCL on GPUs, gloo on CPU."),
+        DistBackend.auto, help="torch.distributed backend under torchrun: auto = NCCL on GPUs, gloo on CPU."
+    ),
     seed: int = typer.Option(0, help="Random seed (data order, init, generated data)."),
     out: Path = typer.Option(None, help="Run folder (default runs/<task>); the best checkpoint goes to OUT/best."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last saved state."),
@@ -142,9 +151,23 @@ def train(
         raise ConfigError("pass --task for one task or --tasks for several, not both")
     names = parse_task_list(tasks) if tasks is not None else [task or "mnist"]
     settings = TrainConfig(
-        task=names[0], backbone=backbone, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-        schedule=schedule.value, eval_every=eval_every, stop_at_accuracy=stop_at, device=device.value, bf16=bf16,
-        dist_backend=dist_backend.value, seed=seed, out=out, resume=resume, data_dir=data_dir, download=download,
+        task=names[0],
+        backbone=backbone,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        schedule=schedule.value,
+        eval_every=eval_every,
+        stop_at_accuracy=stop_at,
+        device=device.value,
+        bf16=bf16,
+        dist_backend=dist_backend.value,
+        seed=seed,
+        out=out,
+        resume=resume,
+        data_dir=data_dir,
+        download=download,
         progress=sys.stderr.isatty(),
     )
     configs = multitask_configs(settings, names, option, out, per_task_folders=tasks is not None)
@@ -210,9 +233,18 @@ def serve(
     from serving import serve as run_server
 
     config = ServeConfig(
-        repo=repo, host=host, port=port, runtime=runtime.value, backbone_variant=backbone_variant,
-        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
-        pad_tolerance=pad_tolerance, threads=threads, engine=engine, backbone=backbone,
+        repo=repo,
+        host=host,
+        port=port,
+        runtime=runtime.value,
+        backbone_variant=backbone_variant,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        max_queue_size=max_queue_size,
+        pad_tolerance=pad_tolerance,
+        threads=threads,
+        engine=engine,
+        backbone=backbone,
         max_body_bytes=int(max_body_mb * (1 << 20)),
     )
     run_server(config)
@@ -236,8 +268,15 @@ def predict(
     from serving import predict as run_predict
 
     config = PredictConfig(
-        repo=repo, task=task, input=input, output=output, runtime=runtime.value, backbone_variant=backbone_variant,
-        max_batch_size=max_batch_size, threads=threads, engine=engine,
+        repo=repo,
+        task=task,
+        input=input,
+        output=output,
+        runtime=runtime.value,
+        backbone_variant=backbone_variant,
+        max_batch_size=max_batch_size,
+        threads=threads,
+        engine=engine,
     )
     typer.echo(run_predict(config).summary())
 
@@ -256,8 +295,10 @@ class ExportFormat(str, Enum):
 def export(
     task: list[str] = typer.Option([], "--task", "-t", help="Task to export (repeatable, or a comma list)."),
     checkpoint: list[Path] = typer.Option(
-        [], help="Checkpoint or run folder, one per --task in order (default runs/<task>/best); alone, it names "
-        "its own task."),
+        [],
+        help="Checkpoint or run folder, one per --task in order (default runs/<task>/best); alone, it names "
+        "its own task.",
+    ),
     repo: Path = typer.Option(Path("deploy"), help="Deployment repository to write into (created if missing)."),
     opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
     quantize: Quantization = typer.Option(None, help="Also write an int8 backbone variant, checked for accuracy."),
@@ -267,8 +308,11 @@ def export(
     data_dir: Path = typer.Option(None, help="Data in torchvision's layout (MNIST, CIFAR-10) for validation."),
     download: bool = typer.Option(False, help="Allow torchvision to download the data set."),
     format: ExportFormat = typer.Option(
-        ExportFormat.onnx, "--format", help="triton: also write a Triton model repository to REPO/triton (with no "
-        "--task/--checkpoint, from what REPO already holds)."),
+        ExportFormat.onnx,
+        "--format",
+        help="triton: also write a Triton model repository to REPO/triton (with no "
+        "--task/--checkpoint, from what REPO already holds).",
+    ),
 ) -> None:
     """Export tasks to a deployment repository: the backbone ONNX once, per-task heads and norms, validated."""
     if format is ExportFormat.triton and not task and not checkpoint:
@@ -276,16 +320,25 @@ def export(
     from export import ExportConfig, export_task
 
     config = ExportConfig(
-        tasks=[t.strip() for item in task for t in item.split(",")], checkpoints=checkpoint, repo=repo,
-        opset=opset, quantize=quantize.value if quantize else None, force=force, atol=atol,
-        accuracy_tolerance=accuracy_tolerance, data_dir=data_dir, download=download,
+        tasks=[t.strip() for item in task for t in item.split(",")],
+        checkpoints=checkpoint,
+        repo=repo,
+        opset=opset,
+        quantize=quantize.value if quantize else None,
+        force=force,
+        atol=atol,
+        accuracy_tolerance=accuracy_tolerance,
+        data_dir=data_dir,
+        download=download,
     )
     result = export_task(config)
     for name, t in result.tasks.items():
         acc = result.accuracy.get(name)
         int8 = f"; accuracy fp32 {100 * acc['fp32']:.2f}% int8 {100 * acc['int8']:.2f}%" if acc else ""
-        typer.echo(f"{name}: max |ORT - PyTorch| {t.max_abs_diff:.2e}; heads + norms {t.bytes / 1024:.0f} KB"
-                   f"{'' if t.written else ' (unchanged)'}{int8}")
+        typer.echo(
+            f"{name}: max |ORT - PyTorch| {t.max_abs_diff:.2e}; heads + norms {t.bytes / 1024:.0f} KB"
+            f"{'' if t.written else ' (unchanged)'}{int8}"
+        )
     for fp, diff in result.mixed_batch_diff.items():
         typer.echo(f"backbone {fp[:16]}: mixed-task batch vs per-task max diff {diff:.2e}")
     written = ", ".join(result.backbones_written) or "none (already present)"
@@ -298,8 +351,10 @@ def _write_triton(repo: Path) -> None:
     from export.triton import TritonConfig, write_triton_repository
 
     result = write_triton_repository(TritonConfig(repo=repo))
-    typer.echo(f"Triton model repository {result.out}: backbone {', '.join(result.backbones)}; "
-               f"ensembles {', '.join(result.tasks)}")
+    typer.echo(
+        f"Triton model repository {result.out}: backbone {', '.join(result.backbones)}; "
+        f"ensembles {', '.join(result.tasks)}"
+    )
 
 
 @app.command("build-engine")
@@ -320,8 +375,10 @@ def build_engine(
 
     config = EngineConfig(repo=repo, fp16=fp16, max_batch=max_batch, max_len=max_len, max_tasks=max_tasks)
     result = build_trt_engine(config)
-    typer.echo(f"{result.path}: {result.variant} in {result.seconds:.0f}s; max |TensorRT - ONNX Runtime| "
-               f"{result.max_abs_diff:.2e}; norm tables: {', '.join(result.tasks)}")
+    typer.echo(
+        f"{result.path}: {result.variant} in {result.seconds:.0f}s; max |TensorRT - ONNX Runtime| "
+        f"{result.max_abs_diff:.2e}; norm tables: {', '.join(result.tasks)}"
+    )
 
 
 if __name__ == "__main__":
