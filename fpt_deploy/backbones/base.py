@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABCMeta, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ def multi_head_attention(x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torc
     return y.transpose(1, 2).reshape(B, L, D)
 
 
-class Body(nn.Module):
+class Body(nn.Module, metaclass=ABCMeta):
     """Frozen transformer blocks. Subclasses set the attributes below and implement ``forward``."""
 
     architecture: str  # "bert" or "gpt2"
@@ -45,6 +46,7 @@ class Body(nn.Module):
         super().__init__()
         self.config: dict = {}
 
+    @abstractmethod
     def forward(
         self,
         hidden: torch.Tensor,  # (B, L, D) float
@@ -52,7 +54,7 @@ class Body(nn.Module):
         norm_weight: torch.Tensor,  # (B, N_norm, D)
         norm_bias: torch.Tensor,  # (B, N_norm, D)
     ) -> torch.Tensor:  # (B, L, D)
-        raise NotImplementedError  # abstract: every registered body overrides it
+        """The frozen blocks on (B, L, D) inputs, each row normalised with its own task's parameters."""
 
     def default_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pretrained norm scales and biases, (N_norm, D) each: a new task starts from these."""

@@ -6,6 +6,7 @@ ONNX run the same code and a client sends the raw input (DESIGN.md, "Tasks").
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class TaskData:
     source: str  # where it came from, for the log
 
 
-class Task:
+class Task(ABC):
     """Base class. A task module subclasses it and registers it with ``register_task``."""
 
     name: str = ""
@@ -72,16 +73,17 @@ class Task:
         self.options = {k: type(v)(options.get(k, v)) for k, v in self.default_options.items()}
         self.spec = self.build_spec()
 
+    @abstractmethod
     def build_spec(self) -> TaskSpec:
-        raise NotImplementedError  # abstract
+        """The task's shapes, classes and read-out, from its options."""
 
+    @abstractmethod
     def build_preprocess(self):
         """A parameter-free torch module: raw input batch -> (B, L, token_dim) float or (B, L) ids."""
-        raise NotImplementedError  # abstract
 
+    @abstractmethod
     def load_data(self, split: str, data_dir: Path | None = None, download: bool = False, seed: int = 0) -> TaskData:
         """The raw ``split`` ("train" or "test") of this task's data set."""
-        raise NotImplementedError  # abstract
 
 
 def parse_options(pairs: list[str]) -> dict:
