@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -60,6 +61,12 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except FptDeployError as e:
             typer.echo(f"error: {e}", err=True)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # A rank of a torchrun job: skip interpreter teardown, where torch.distributed's gloo
+                # threads can still abort the process (SIGABRT) after this clean error.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             raise typer.Exit(2) from None
 
     return wrapper

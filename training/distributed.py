@@ -44,6 +44,10 @@ class LaunchError(ConfigError):
     """The launcher's environment is inconsistent, or the ranks cannot meet or do not agree."""
 
 
+class RanksDisagreeError(LaunchError):
+    """Raised on EVERY rank at the same point, so the ranks can still leave the process group together."""
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process stands: rank 0 of 1, with no process group, when no launcher started it."""
@@ -240,7 +244,7 @@ def check_ranks_agree(what: str, value: str, world: World) -> None:
     dist.all_gather_object(seen, value)
     differing = [r for r, v in enumerate(seen) if v != seen[0]]
     if differing:
-        raise LaunchError(
+        raise RanksDisagreeError(
             f"ranks {', '.join(map(str, differing))} differ from rank 0 in {what}; start every rank "
             "with the same command line and backbone"
         )

@@ -33,6 +33,7 @@ from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
 from training.config import TrainConfig
 from training.distributed import (
+    RanksDisagreeError,
     World,
     all_reduce_sums,
     check_ranks_agree,
@@ -286,11 +287,15 @@ def run_job(configs: list[TrainConfig]) -> list[TrainResult]:
         np.random.seed(first.seed)
         body = load_backbone(first.backbone)
         settings = [_jsonable(c, skip=("progress",)) for c in configs]
-        check_ranks_agree(
-            "backbone fingerprint and settings",
-            json.dumps([body.fingerprint(), settings], sort_keys=True, default=str),
-            world,
-        )
+        try:
+            check_ranks_agree(
+                "backbone fingerprint and settings",
+                json.dumps([body.fingerprint(), settings], sort_keys=True, default=str),
+                world,
+            )
+        except RanksDisagreeError:
+            ok = True  # every rank raises here: leave the group together (a lone exit aborts gloo peers)
+            raise
         runs = [TaskRun(config, body, world, bf16) for config in configs]
         start = time.perf_counter()
         _drive(runs, show=first.progress and world.is_main)
