@@ -61,7 +61,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except FptDeployError as e:
             typer.echo(f"error: {e}", err=True)
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if getattr(sys.modules.get("training.distributed"), "JOINED_PROCESS_GROUP", False):
                 # A rank of a torchrun job: skip interpreter teardown, where torch.distributed's gloo
                 # threads can still abort the process (SIGABRT) after this clean error.
                 sys.stdout.flush()

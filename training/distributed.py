@@ -40,6 +40,11 @@ TIMEOUT = timedelta(minutes=10)  # how long a collective (and the rendezvous) wa
 _QUIET_ON_OTHER_RANKS = ("training", "fpt_deploy")  # loggers silenced below WARNING on ranks > 0
 
 
+# Set once this process joined a torch.distributed group: the CLI then exits without interpreter
+# teardown after a user error, where gloo's threads can abort the process (SIGABRT).
+JOINED_PROCESS_GROUP = False
+
+
 class LaunchError(ConfigError):
     """The launcher's environment is inconsistent, or the ranks cannot meet or do not agree."""
 
@@ -171,6 +176,8 @@ def init_world(device: str = "auto", backend: str = "auto", environ: Mapping[str
         torch.cuda.set_device(torch_device)
     try:
         dist.init_process_group(chosen, init_method="env://", rank=rank, world_size=size, timeout=TIMEOUT)
+        global JOINED_PROCESS_GROUP
+        JOINED_PROCESS_GROUP = True
     except (RuntimeError, ValueError, TimeoutError) as e:
         where = f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')}"
         raise LaunchError(
