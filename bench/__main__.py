@@ -1,6 +1,6 @@
 """``python -m bench``: the whole benchmark suite in one run (see ``bench/suite.py``).
 
-    python -m bench                      # default: ~10 minutes on 2 cores
+    python -m bench                      # default: ~12 minutes on 2 cores
     python -m bench --quick              # ~2 minutes once artifacts are cached (smaller counts, shorter levels)
     python -m bench --repo deploy --checkpoint runs/mnist/best --out bench/results
 
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     p.add_argument("--concurrency", type=_ints, help="comma-separated, default 1,8,32")
     p.add_argument("--seconds", type=float, dest="level_seconds", help="at most this long per load level")
     p.add_argument("--requests", type=int, dest="level_requests", help="at most this many requests per level")
+    p.add_argument("--rounds", type=int, dest="load_rounds", help="rounds over all load levels (default 2)")
     p.add_argument("--memory-tasks", type=_ints, help="fpt-deploy server task counts, default 1,10,50")
     p.add_argument("--baseline-memory-tasks", type=_ints, help="per-task baseline counts, default 1,10")
     p.add_argument("--threads", type=int, help="intra-op threads everywhere (default physical cores)")
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
             "concurrency",
             "level_seconds",
             "level_requests",
+            "load_rounds",
             "memory_tasks",
             "baseline_memory_tasks",
             "threads",

@@ -17,8 +17,9 @@ What it is, exactly (the fair version of "FastAPI + torch" that someone without 
   settings as the fpt-deploy server), then runs ONE call per task present with all of that task's
   waiting rows. Rows of different tasks cannot share a call: each task has its own model.
 - Threads: torch intra-op threads / ONNX Runtime intra-op threads = physical cores, ORT spinning off,
-  graph optimisation on: the settings the fpt-deploy server uses, so the comparison is architecture,
-  not tuning.
+  graph optimisation on, and each ORT graph loaded with ONNX Runtime's transformer fusions
+  (``fpt_deploy.ort_fusion``): the settings the fpt-deploy server uses, so the comparison is
+  architecture, not tuning.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def load_ort_models(models: dict[str, Path], threads: int):
     """task -> callable(raw ndarray) -> logits ndarray; one full-model session per task."""
     import onnxruntime as ort
 
+    from fpt_deploy.ort_fusion import fuse_for_ort
+
     fns = {}
     for name, path in models.items():
         so = ort.SessionOptions()
@@ -80,7 +83,8 @@ def load_ort_models(models: dict[str, Path], threads: int):
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        graph = fuse_for_ort(path) or str(path)  # ORT's transformer fusions, as fpt-deploy's runtime loads graphs
+        session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
         def run(raw: np.ndarray, session=session, input_name=input_name) -> np.ndarray:

@@ -66,7 +66,9 @@ class SuiteConfig:
     task: str | None = None  # task of --repo to serve (default: its mnist task)
     mix: int = 2  # distinct tasks mixed in the load (the task and mix-1 clones)
     concurrency: tuple[int, ...] = (1, 8, 32)
-    level_seconds: float = 8.0  # at most this long per load level
+    level_seconds: float = 8.0  # at most this long per load level and round
+    load_rounds: int = 2  # rounds over every load level of every contender (figures: the mean)
+    raw_seconds_in_load: float = 3.0  # the raw backbone timed right after each fpt-deploy level
     level_requests: int = 2000  # at most this many requests per load level
     memory_tasks: tuple[int, ...] = (1, 10, 50)  # fpt-deploy server
     baseline_memory_tasks: tuple[int, ...] = (1, 10)  # per-task baselines (larger counts extrapolated)
@@ -100,6 +102,8 @@ class SuiteConfig:
             train_steps=10,
             concurrency=(1, 8, 32),
             level_seconds=2.0,
+            load_rounds=1,
+            raw_seconds_in_load=1.0,
             level_requests=400,
             memory_tasks=(1, 10, 50),
             baseline_memory_tasks=(1, 3),
@@ -415,13 +419,37 @@ def body_flops_per_row(config: dict, length: int) -> float | None:
     return float(layers * (dense + attention))
 
 
+def _raw_rate(fn, batch: int, seconds: float) -> float:
+    """Rows/s of ``fn`` (one backbone call of ``batch`` rows) over about ``seconds``."""
+    calls, t0 = 0, time.perf_counter()
+    while calls < 2 or (time.perf_counter() - t0 < seconds and calls < 10_000):
+        fn()
+        calls += 1
+    return calls * batch / (time.perf_counter() - t0)
+
+
+def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the server's backbone sees: the task's input head on ``batch`` real held-out rows.
+
+    hidden (B, L, D) float32, attention_mask (B, L) int64.
+    """
+    from fpt_deploy.artifacts import open_repository, verify_file
+    from serving.runtime import create_head_session
+
+    r = open_repository(prep.repo)
+    art = r.tasks[prep.task]
+    head = create_head_session(verify_file(r.root, art.files["input"], art.sha256["input"]))
+    hidden, mask = head.run(None, {"input": prep.rows[np.arange(batch) % len(prep.rows)]})
+    return hidden, mask
+
+
 def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
     """Rows/s of the body alone: ORT (server session options) fp32/int8 and PyTorch eager, per batch."""
     import torch
 
-    from fpt_deploy.artifacts import open_repository, verify_file
+    from fpt_deploy.artifacts import open_repository
     from fpt_deploy.backbones import load_backbone
-    from serving.runtime import OrtRuntime, create_head_session, physical_cores
+    from serving.runtime import OrtRuntime, physical_cores
 
     r = open_repository(prep.repo)
     art = r.tasks[prep.task]
@@ -432,12 +460,9 @@ def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
     torch.set_num_threads(threads)
     runtimes = {v: OrtRuntime(b.path(r.root, v), weight[None], bias[None], threads=threads) for v in prep.variants}
     body = load_backbone(b.name).eval()
-    head = create_head_session(verify_file(r.root, art.files["input"], art.sha256["input"]))
     results: dict[str, dict[int, float]] = {f"ort {v}": {} for v in runtimes} | {"torch eager": {}}
     for batch in cfg.raw_batches:
-        # What the server's backbone sees: the task's input head on real held-out rows.
-        raw = prep.rows[np.arange(batch) % len(prep.rows)]
-        hidden, mask = head.run(None, {"input": raw})  # (B, L, D) float32, (B, L) int64
+        hidden, mask = _backbone_rows(prep, batch)
         index = np.zeros(batch, np.int64)
         t_args = (
             torch.from_numpy(hidden),
@@ -459,11 +484,7 @@ def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
             fn()  # warm-up: first calls allocate
         for _ in range(cfg.raw_rounds):  # alternate, so a burst of load elsewhere hits every contender
             for name, fn in contenders.items():
-                calls, t0 = 0, time.perf_counter()
-                while calls < 2 or (time.perf_counter() - t0 < cfg.raw_seconds and calls < 10_000):
-                    fn()
-                    calls += 1
-                rate = calls * batch / (time.perf_counter() - t0)
+                rate = _raw_rate(fn, batch, cfg.raw_seconds)
                 results[name][batch] = max(results[name].get(batch, 0.0), rate)
     for rt in runtimes.values():
         rt.close()
@@ -486,38 +507,91 @@ def _bodies(prep: Prepared) -> list[tuple[str, bytes, dict]]:
     return [(prep.tasks[i % len(prep.tasks)], *binary_request(prep.rows[i % len(prep.rows)][None])) for i in range(n)]
 
 
+def _mean_level(rounds: list[dict]) -> dict:
+    """One level from its rounds: throughput and latencies averaged, requests and errors summed."""
+    out = dict(rounds[0])
+    for key in ("rows_per_s", "p50_ms", "p99_ms", "seconds"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"] if out["p50_ms"] else None
+    out["requests"] = sum(r["requests"] for r in rounds)
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["first_error"] = next((r["first_error"] for r in rounds if r.get("first_error")), None)
+    out["rounds"] = [{k: r[k] for k in ("rows_per_s", "p50_ms", "p99_ms", "requests", "errors")} for r in rounds]
+    return out
+
+
 def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
-    """Every contender's throughput and latency at each concurrency, levels alternating between contenders."""
+    """Every contender's throughput and latency at each concurrency, contenders alternating.
+
+    ``load_rounds`` rounds, each visiting every level of every contender, so a burst of load elsewhere
+    on the machine hits all of them; a level's figures are the mean over its rounds. After each
+    fpt-deploy level, the raw backbone (this process, the server's session options, the batch the
+    level's batches can reach) is timed right then, with every server idle: the ceiling that level is
+    compared with, measured in the same minute.
+    """
+    from fpt_deploy.artifacts import open_repository
+    from serving.runtime import OrtRuntime, physical_cores
+
     servers: dict[str, ServerProcess] = {}
     for variant in prep.variants:
         servers[f"fpt-deploy {variant}"] = fpt_server(prep.mixed, variant, cfg)
     servers[TORCH_PER_TASK] = baseline_server("torch", dict.fromkeys(prep.tasks, prep.checkpoint), cfg)
     if prep.full_onnx:
         servers[ORT_PER_TASK] = baseline_server("ort", dict.fromkeys(prep.tasks, prep.full_onnx), cfg)
+    r = open_repository(prep.repo)
+    art = r.tasks[prep.task]
+    b = r.backbones[art.fingerprint]
+    weight, bias = art.load_norms(r.root)
+    threads = cfg.threads or physical_cores()
+    runtimes = {v: OrtRuntime(b.path(r.root, v), weight[None], bias[None], threads=threads) for v in prep.variants}
     bodies = _bodies(prep)
-    levels: dict[str, list[dict]] = {name: [] for name in servers}
+    rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in cfg.concurrency} for name in servers}
+    ceilings: dict[str, dict[int, list[float]]] = {v: {c: [] for c in cfg.concurrency} for v in runtimes}
     start_all(servers)
     try:
         for server in servers.values():  # warm-up: every task, every batch size the levels reach
             load(server.port, bodies, max(cfg.concurrency), max_requests=4 * max(cfg.concurrency), max_seconds=20)
-        for c in cfg.concurrency:
-            for name, server in servers.items():
-                level = load(server.port, bodies, c, cfg.level_requests, cfg.level_seconds)
-                levels[name].append(level)
-                log.info(
-                    "%-16s c=%-3d %7.1f rows/s  p50 %s ms  p99 %s ms  errors %d%s",
-                    name,
-                    c,
-                    level["rows_per_s"],
-                    _ms(level["p50_ms"]),
-                    _ms(level["p99_ms"]),
-                    level["errors"],
-                    f" (first: {level['first_error']})" if level["errors"] else "",
-                )
+        for k in range(cfg.load_rounds):
+            for c in cfg.concurrency:
+                batch = min(c, cfg.max_batch_size)
+                hidden, mask = _backbone_rows(prep, batch)
+                index = np.zeros(batch, np.int64)
+                for name, server in servers.items():
+                    level = load(server.port, bodies, c, cfg.level_requests, cfg.level_seconds)
+                    rounds[name][c].append(level)
+                    extra = ""
+                    variant = name[len("fpt-deploy ") :] if name.startswith("fpt-deploy ") else None
+                    if variant in runtimes:
+                        call = lambda rt=runtimes[variant]: rt.run_backbone(hidden, mask, index)  # noqa: E731
+                        rate = _raw_rate(call, batch, cfg.raw_seconds_in_load)
+                        ceilings[variant][c].append(rate)
+                        extra = f"  (raw backbone batch {batch}: {rate:.1f} rows/s)"
+                    log.info(
+                        "round %d/%d %-16s c=%-3d %7.1f rows/s  p50 %s ms  p99 %s ms  errors %d%s%s",
+                        k + 1,
+                        cfg.load_rounds,
+                        name,
+                        c,
+                        level["rows_per_s"],
+                        _ms(level["p50_ms"]),
+                        _ms(level["p99_ms"]),
+                        level["errors"],
+                        f" (first: {level['first_error']})" if level["errors"] else "",
+                        extra,
+                    )
     finally:
         for server in servers.values():
             server.stop()
-    return {"tasks": prep.tasks, "requests_cycled": len(bodies), "levels": levels}
+        for rt in runtimes.values():
+            rt.close()
+    levels = {name: [_mean_level(rounds[name][c]) for c in cfg.concurrency] for name in servers}
+    for variant, by_c in ceilings.items():
+        for level in levels[f"fpt-deploy {variant}"]:
+            rates = by_c[level["concurrency"]]
+            level["raw_backbone_rows_per_s"] = sum(rates) / len(rates)
+            level["raw_backbone_rounds"] = rates
+    return {"tasks": prep.tasks, "requests_cycled": len(bodies), "rounds": cfg.load_rounds, "levels": levels}
 
 
 def _memory_point(server: ServerProcess, names: list[str], rows: np.ndarray) -> float:

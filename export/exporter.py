@@ -95,7 +95,7 @@ def export_task(config: ExportConfig) -> ExportResult:
             artifact, written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
             if written:
                 result.backbones_written.append(f"{fp[:16]}/{FP32}")
-            sessions[fp] = ort_session(artifact.path(repo.root, FP32))
+            sessions[fp] = ort_session(artifact.path(repo.root, FP32), fused=True)  # as served
         data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
         raw = data[task.name].inputs[: config.validation_rows]
         export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config)
@@ -144,7 +144,8 @@ def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) 
 
     def write_and_check(tmp: Path) -> None:
         write_backbone_graph(body, tmp, opset)
-        check_backbone(body, ort_session(tmp), atol)
+        check_backbone(body, ort_session(tmp), atol)  # the file itself: what TensorRT and Triton read
+        check_backbone(body, ort_session(tmp, fused=True), atol, graph="ORT-fused")  # as the server runs it
 
     write_with(repo.root / rel, write_and_check)
     artifact = BackboneArtifact(
@@ -217,7 +218,7 @@ def ensure_int8_backbone(repo: Repository, fp: str, data: dict, config: ExportCo
             repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp, calibration)
         )
         written = True
-    fp32, int8 = ort_session(artifact.path(repo.root, FP32)), ort_session(repo.root / rel)
+    fp32, int8 = (ort_session(p, fused=True) for p in (artifact.path(repo.root, FP32), repo.root / rel))
     report = {}
     for name, (ort_task, td) in tasks.items():
         labels = td.labels

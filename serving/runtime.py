@@ -4,7 +4,8 @@ Every runtime holds the norm tables of all loaded tasks, (T, N_norm, D) each, lo
 batch that mixes tasks given one ``task_index`` per row (DESIGN.md, "Backbone ONNX contract"):
 
 - ONNX Runtime gathers each row's norm parameters with one vectorised ``np.take`` per batch and feeds
-  the plain backbone graph (``hidden``, ``attention_mask``, ``norm_weight``, ``norm_bias``);
+  the plain backbone graph (``hidden``, ``attention_mask``, ``norm_weight``, ``norm_bias``), which it
+  loads with its transformer fusions applied in memory (``fpt_deploy.ort_fusion``);
 - TensorRT keeps the tables resident on the GPU and only the indices travel: the engine that
   ``fpt-deploy build-engine`` writes wraps the backbone with a Gather by ``task_index``.
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from fpt_deploy.artifacts import BACKBONE_INPUTS, BACKBONE_OUTPUT, NORM_TABLE_INPUTS, TASK_INDEX_INPUT
 from fpt_deploy.errors import ArtifactError, ConfigError, RuntimeUnavailableError
+from fpt_deploy.ort_fusion import fuse_for_ort
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,9 @@ class OrtRuntime(Runtime):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
+        graph = fuse_for_ort(model_path) or str(model_path)  # portable file, ORT's fused operators in memory
         try:
-            self.session = ort.InferenceSession(str(model_path), _session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(graph, _session_options(threads), providers=providers)
         except Exception as e:  # CUDA init failures and unreadable graphs both land here
             raise ArtifactError(f"{model_path} cannot be loaded by ONNX Runtime ({e})") from e
         if cuda and "CUDAExecutionProvider" not in self.session.get_providers():

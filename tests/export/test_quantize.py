@@ -58,12 +58,20 @@ def test_accuracy_drop_above_tolerance_is_refused_unless_forced():
 def test_cli_refuses_a_lossy_int8_backbone_with_exit_2_unless_forced(repo_copy, tiny_checkpoints, monkeypatch):
     from fpt_deploy.cli import app
 
-    real = export.exporter.accuracy
+    real_accuracy, real_session = export.exporter.accuracy, export.exporter.ort_session
+    int8_sessions = set()
+
+    def session(path, fused=False):  # remembers which sessions run an int8 graph
+        s = real_session(path, fused)
+        if str(path).endswith(".int8.onnx"):
+            int8_sessions.add(id(s))
+        return s
 
     def lossy(ort_task, backbone, raw, labels):  # int8 graphs score 2 points lower than they do
-        acc = real(ort_task, backbone, raw, labels)
-        return acc - 0.02 if backbone._model_path.endswith(".int8.onnx") else acc
+        acc = real_accuracy(ort_task, backbone, raw, labels)
+        return acc - 0.02 if id(backbone) in int8_sessions else acc
 
+    monkeypatch.setattr(export.exporter, "ort_session", session)
     monkeypatch.setattr(export.exporter, "accuracy", lossy)
     args = ["export", "--checkpoint", str(tiny_checkpoints["mnist"]), "--repo", str(repo_copy), "--quantize", "int8"]
     refused = CliRunner().invoke(app, args)
