@@ -18,8 +18,8 @@ What it is, exactly (the fair version of "FastAPI + torch" that someone without 
   waiting rows. Rows of different tasks cannot share a call: each task has its own model.
 - Threads: torch intra-op threads / ONNX Runtime intra-op threads = physical cores, ORT spinning off,
   graph optimisation on, and each ORT graph loaded with ONNX Runtime's transformer fusions
-  (``fpt_deploy.ort_fusion``): the settings the fpt-deploy server uses, so the comparison is
-  architecture, not tuning.
+  (``fpt_deploy.ort_fusion``), and the same GIL switch interval: the settings the fpt-deploy server
+  uses, so the comparison is architecture, not tuning.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import asyncio
 import copy
 import json
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from serving.server import GIL_SWITCH_INTERVAL_S
 
 log = logging.getLogger("bench.baseline_server")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         models[name] = Path(path)
     loader = load_torch_models if args.runtime == "torch" else load_ort_models
     fns = loader(models, threads)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the fpt-deploy server's setting (measured: no change here)
     app = create_app(fns, args.max_batch_size, args.max_queue_delay_ms)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
