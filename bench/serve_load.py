@@ -19,18 +19,19 @@ client on the same host would. Bounded throughout: every loop has a request and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -146,57 +147,73 @@ def task_inputs(repo: Path, tasks: list[str], rng) -> dict[str, np.ndarray]:
     return out
 
 
+def http_request(port: int, task: str, body: bytes, headers: dict) -> bytes:
+    """The bytes of one keep-alive HTTP/1.1 POST to ``task``'s infer endpoint."""
+    lines = [f"POST /v2/models/{task}/infer HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response framed by Content-Length (what both servers send)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = _CONTENT_LENGTH.search(head)
+    if length is None:
+        raise ValueError(f"response without Content-Length: {head[:200]!r}")
+    return status, await reader.readexactly(int(length.group(1)))
+
+
 def load(port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max_requests: int, max_seconds: float):
     """Closed loop on 127.0.0.1: ``concurrency`` clients, each sending its next request when the last returned.
 
     Bounded by ``max_requests`` and ``max_seconds``; request ``n`` is ``bodies[n % len(bodies)]``.
     Failed requests are counted (with the first failure's text), never timed.
-    """
 
+    The clients are coroutines on one asyncio loop writing pre-built requests (the bytes tritonclient
+    sends) on keep-alive connections, like wrk or Triton's perf_analyzer: about 40 us of CPU a request,
+    where 32 threads of ``http.client`` took about 160 us and 0.09 of this machine's 2 cores away from
+    the server being measured.
+    """
+    requests = [http_request(port, *b) for b in bodies]
     latencies: list[float] = []
     errors: list[str] = []
-    lock = threading.Lock()
-    issued = [0]
+    issued = 0
     stop_at = time.perf_counter() + max_seconds
 
-    def client() -> None:
-        mine = []
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            while time.perf_counter() < stop_at:
-                with lock:
-                    if issued[0] >= max_requests:
-                        break
-                    n = issued[0]
-                    issued[0] += 1
-                task, body, headers = bodies[n % len(bodies)]
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", f"/v2/models/{task}/infer", body, headers)
-                    response = conn.getresponse()
-                    text = response.read()
-                except OSError as e:
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                    with lock:
-                        errors.append(f"{type(e).__name__}: {e}")
-                    continue
-                if response.status != 200:
-                    with lock:
-                        errors.append(f"HTTP {response.status}: {text[:200]!r}")
-                    continue
-                mine.append(time.perf_counter() - t0)
-        finally:
-            conn.close()
-            with lock:
-                latencies.extend(mine)
+    async def client() -> None:
+        nonlocal issued
+        conn = None
+        while time.perf_counter() < stop_at and issued < max_requests:
+            raw = requests[issued % len(requests)]
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection("127.0.0.1", port)
+                conn[1].write(raw)
+                status, body = await asyncio.wait_for(_read_response(conn[0]), 60)
+            except (OSError, EOFError, ValueError, asyncio.TimeoutError) as e:  # IncompleteReadError is an EOFError
+                errors.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+                continue
+            if status != 200:
+                errors.append(f"HTTP {status}: {body[:200]!r}")
+                continue
+            latencies.append(time.perf_counter() - t0)
+        if conn is not None:
+            conn[1].close()
+
+    async def run() -> None:
+        await asyncio.gather(*(client() for _ in range(concurrency)))
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max_seconds + 120)
+    asyncio.run(run())
     seconds = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
     p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if len(lat) else (None, None)
