@@ -13,7 +13,9 @@ Sections (``SECTIONS``), in the order they run:
   round-robin, concurrency 1, 8, 32, a bounded number of requests and seconds per level. Contenders:
   the fpt-deploy server (fp32 and int8 backbone), "torch per task" and "ort per task"
   (``bench.baseline_server``: one complete model per task, what a user without fpt-deploy writes).
-  Levels alternate between contenders so a burst of load elsewhere hits all of them.
+  ``load_rounds`` rounds, each over every level of every contender, so a burst of load elsewhere hits
+  all of them; a level's figures are the mean of its rounds. Right after each fpt-deploy level the raw
+  backbone is timed again at that level's batch: the ceiling "/ raw backbone" divides by.
 - ``memory``: resident memory (RSS) of each server once every task has answered, with 1, 10, 50 tasks
   (fpt-deploy) and 1, 10 (baselines; 50 extrapolated linearly, marked as such).
 - ``training``: optimizer steps/s of the FPT step vs full fine-tuning of the same model and batch,
