@@ -76,7 +76,7 @@ def load_ort_models(models: dict[str, Path], threads: int):
     """task -> callable(raw ndarray) -> logits ndarray; one full-model session per task."""
     import onnxruntime as ort
 
-    from fpt_deploy.ort_fusion import fuse_for_ort
+    from fpt_deploy.ort_fusion import ort_graph
 
     fns = {}
     for name, path in models.items():
@@ -86,8 +86,8 @@ def load_ort_models(models: dict[str, Path], threads: int):
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        graph = fuse_for_ort(path) or str(path)  # ORT's transformer fusions, as fpt-deploy's runtime loads graphs
-        session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        with ort_graph(path) as graph:  # ORT's transformer fusions, as fpt-deploy's runtime loads graphs
+            session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
         def run(raw: np.ndarray, session=session, input_name=input_name) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fpt_deploy.artifacts import BACKBONE_OUTPUT, INPUT_HEAD_INPUT
 from fpt_deploy.errors import ArtifactError, ExportMismatchError
-from fpt_deploy.ort_fusion import fuse_for_ort
+from fpt_deploy.ort_fusion import ort_graph
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,11 @@ def ort_session(path: Path, fused: bool = False):
     """
     import onnxruntime as ort
 
-    graph = (fused and fuse_for_ort(path)) or str(path)
     try:
-        return ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        if not fused:
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with ort_graph(path) as graph:
+            return ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types, all from RuntimeError or Exception
         raise ArtifactError(f"{path} is not a loadable ONNX graph ({e}); re-run `fpt-deploy export`") from e
 

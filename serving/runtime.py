@@ -23,7 +23,7 @@ import numpy as np
 
 from fpt_deploy.artifacts import BACKBONE_INPUTS, BACKBONE_OUTPUT, NORM_TABLE_INPUTS, TASK_INDEX_INPUT
 from fpt_deploy.errors import ArtifactError, ConfigError, RuntimeUnavailableError
-from fpt_deploy.ort_fusion import fuse_for_ort
+from fpt_deploy.ort_fusion import ort_graph
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ class OrtRuntime(Runtime):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        graph = fuse_for_ort(model_path) or str(model_path)  # portable file, ORT's fused operators in memory
         try:
-            self.session = ort.InferenceSession(graph, _session_options(threads), providers=providers)
+            with ort_graph(model_path) as graph:  # the portable file, rewritten with ORT's fused operators
+                self.session = ort.InferenceSession(graph, _session_options(threads), providers=providers)
         except Exception as e:  # CUDA init failures and unreadable graphs both land here
             raise ArtifactError(f"{model_path} cannot be loaded by ONNX Runtime ({e})") from e
         if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
