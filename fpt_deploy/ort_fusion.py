@@ -10,11 +10,11 @@ that MatMul, its bias and the Split into the attention: one ``Attention`` op a l
 ``Sum`` the export writes (export/onnx_workarounds.py) is left alone, so ORT's slow CPU
 SkipLayerNormalization stays away.
 
-Measured on this project's 2-core AVX-512 CPU (minilm, 49-token rows, batch 32, 2 threads, rounds
-alternating): fp32 backbone 304 -> 339 rows/s (+11%) with MultiHeadAttention, and +3% more with the
-packed ``Attention``; int8 580 -> 675 (+16%; its q/k/v MatMul is quantized, so it keeps
-MultiHeadAttention). The fused fp32 graph differs from the plain one by at most 2e-5 on ``last_hidden``
-of real MNIST rows (values up to ~19).
+Measured on this project's 2-core AVX-512 CPU (minilm, 49-token rows, batch 32, 2 threads, medians of
+4 alternating rounds): fp32 backbone 281 -> 318 rows/s (1.13x; the packed ``Attention`` is ~3% of it
+over ``MultiHeadAttention``), int8 541 -> 651 (1.20x; its q/k/v MatMul is quantized, so it keeps
+MultiHeadAttention). The fused fp32 graph differs from the plain one by at most 4e-5 on ``last_hidden``
+of real MNIST rows (values up to ~19); the export checks it against PyTorch like the portable one.
 
 The rewrite of a real backbone runs in a child process (``python -m fpt_deploy.ort_fusion SRC DST``)
 that writes the fused copy to a temporary folder: done in the server's own process, the rewriter's
