@@ -77,17 +77,12 @@ def load_ort_models(models: dict[str, Path], threads: int):
     import onnxruntime as ort
 
     from fpt_deploy.ort_fusion import ort_graph
+    from serving.runtime import session_options
 
     fns = {}
     for name, path in models.items():
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
         with ort_graph(path) as graph:  # ORT's transformer fusions, as fpt-deploy's runtime loads graphs
-            session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
         def run(raw: np.ndarray, session=session, input_name=input_name) -> np.ndarray:

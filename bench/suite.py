@@ -554,10 +554,11 @@ def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
     try:
         for server in servers.values():  # warm-up: every task, every batch size the levels reach
             load(server.port, bodies, max(cfg.concurrency), max_requests=4 * max(cfg.concurrency), max_seconds=20)
+        rows = {c: _backbone_rows(prep, min(c, cfg.max_batch_size)) for c in cfg.concurrency}
         for k in range(cfg.load_rounds):
             for c in cfg.concurrency:
                 batch = min(c, cfg.max_batch_size)
-                hidden, mask = _backbone_rows(prep, batch)
+                hidden, mask = rows[c]
                 index = np.zeros(batch, np.int64)
                 for name, server in servers.items():
                     level = load(server.port, bodies, c, cfg.level_requests, cfg.level_seconds)

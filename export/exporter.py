@@ -114,7 +114,7 @@ def export_task(config: ExportConfig) -> ExportResult:
     )
     if config.quantize == INT8:
         for fp in sessions:
-            written, report = ensure_int8_backbone(repo, fp, data, config)
+            written, report = ensure_int8_backbone(repo, fp, data, config, sessions[fp])
             result.accuracy |= report
             if written:
                 result.backbones_written.append(f"{fp[:16]}/{INT8}")
@@ -197,8 +197,12 @@ def write_task(
     return TaskExport(task.name, checkpoint, artifact, diff, size, written)
 
 
-def ensure_int8_backbone(repo: Repository, fp: str, data: dict, config: ExportConfig) -> tuple[bool, dict]:
+def ensure_int8_backbone(
+    repo: Repository, fp: str, data: dict, config: ExportConfig, fp32_session
+) -> tuple[bool, dict]:
     """Add (or re-check) the int8 variant of backbone ``fp``; returns (written, accuracy report).
+
+    ``fp32_session`` runs the float backbone as served (``ort_session(..., fused=True)``).
 
     Every task of this backbone whose held-out data loads is evaluated with the float and the int8
     graph. When one loses more than ``config.accuracy_tolerance`` points, the variant is removed from
@@ -218,7 +222,7 @@ def ensure_int8_backbone(repo: Repository, fp: str, data: dict, config: ExportCo
             repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp, calibration)
         )
         written = True
-    fp32, int8 = (ort_session(p, fused=True) for p in (artifact.path(repo.root, FP32), repo.root / rel))
+    fp32, int8 = fp32_session, ort_session(repo.root / rel, fused=True)
     report = {}
     for name, (ort_task, td) in tasks.items():
         labels = td.labels

@@ -5,7 +5,7 @@ batch that mixes tasks given one ``task_index`` per row (DESIGN.md, "Backbone ON
 
 - ONNX Runtime gathers each row's norm parameters with one vectorised ``np.take`` per batch and feeds
   the plain backbone graph (``hidden``, ``attention_mask``, ``norm_weight``, ``norm_bias``), which it
-  loads with its transformer fusions applied in memory (``fpt_deploy.ort_fusion``);
+  loads rewritten with its own fused transformer operators (``fpt_deploy.ort_fusion``);
 - TensorRT keeps the tables resident on the GPU and only the indices travel: the engine that
   ``fpt-deploy build-engine`` writes wraps the backbone with a Gather by ``task_index``.
 
@@ -53,7 +53,8 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
-def _session_options(threads: int):
+def session_options(threads: int):
+    """The server's ONNX Runtime settings: ``threads`` intra-op threads, no spinning, every graph rewrite."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -91,7 +92,7 @@ def create_head_session(path: Path):
     import onnxruntime as ort
 
     _share_head_allocator()
-    so = _session_options(1)
+    so = session_options(1)
     # Basic rewrites only: the extended ones found nothing to speed up in a head (an MNIST input + output
     # head on 16 rows: 319 vs 321 us) and cost memory (2 head sessions: 384 vs 451 KB a task).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -132,7 +133,7 @@ class OrtRuntime(Runtime):
             providers = ["CPUExecutionProvider"]
         try:
             with ort_graph(model_path) as graph:  # the portable file, rewritten with ORT's fused operators
-                self.session = ort.InferenceSession(graph, _session_options(threads), providers=providers)
+                self.session = ort.InferenceSession(graph, session_options(threads), providers=providers)
         except Exception as e:  # CUDA init failures and unreadable graphs both land here
             raise ArtifactError(f"{model_path} cannot be loaded by ONNX Runtime ({e})") from e
         if cuda and "CUDAExecutionProvider" not in self.session.get_providers():

@@ -52,3 +52,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of mnist and bit-xor on tiny-bert, trained a few steps (shared by export/serving tests)."""
     root = tmp_path_factory.mktemp("ckpt")
     return {task: train_tiny(root / task, task) for task in ("mnist", "bit-xor")}
+
+
+@pytest.fixture(scope="session")
+def paper_trainable() -> frozenset[str]:
+    """Exactly what trains (DESIGN.md "The model"): input layer, positions, every norm's scale and bias,
+    output layer. For a Linear input layer; an Embedding (token tasks) has no ``input_head.embed.bias``."""
+    return frozenset(
+        {
+            "input_head.embed.weight",
+            "input_head.embed.bias",
+            "input_head.position",
+            "norm_weight",
+            "norm_bias",
+            "output_head.linear.weight",
+            "output_head.linear.bias",
+        }
+    )

@@ -9,15 +9,6 @@ from fpt_deploy.backbones import load_backbone
 from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
 
-TRAINABLE = {
-    "input_head.embed.weight",
-    "input_head.embed.bias",
-    "input_head.position",
-    "norm_weight",
-    "norm_bias",
-    "output_head.linear.weight",
-    "output_head.linear.bias",
-}
 CASES = [
     ("mnist", {}, (10,)),
     ("bit-xor", {}, (5, 2)),
@@ -28,11 +19,11 @@ CASES = [
 
 @pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-gpt2"])
 @pytest.mark.parametrize("name,options,logits", CASES)
-def test_exactly_the_paper_parameters_train(backbone, name, options, logits):
+def test_exactly_the_paper_parameters_train(backbone, name, options, logits, paper_trainable):
     task = get_task(name, **options)
     model = FPT(task, load_backbone(backbone))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = TRAINABLE - ({"input_head.embed.bias"} if task.spec.vocab_size else set())
+    expected = paper_trainable - ({"input_head.embed.bias"} if task.spec.vocab_size else set())
     assert trainable == expected
     assert all(not p.requires_grad for p in model.body.parameters())
     x = torch.from_numpy(task.load_data("test").inputs[:3])
