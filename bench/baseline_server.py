@@ -41,7 +41,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.server import GIL_SWITCH_INTERVAL_S
+from fpt_deploy.serving.server import GIL_SWITCH_INTERVAL_S
 
 log = logging.getLogger("bench.baseline_server")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -77,7 +77,7 @@ def load_ort_models(models: dict[str, Path], threads: int):
     import onnxruntime as ort
 
     from fpt_deploy.ort_fusion import ort_graph
-    from serving.runtime import session_options
+    from fpt_deploy.serving.runtime import session_options
 
     fns = {}
     for name, path in models.items():

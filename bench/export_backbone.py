@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
-    from export import quantize_backbone_int8, write_backbone_graph
+    from fpt_deploy.export import quantize_backbone_int8, write_backbone_graph
     from fpt_deploy.backbones import load_backbone
 
     torch.set_num_threads(args.threads)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.fp32_residual_sums:
             import onnx
 
-            from export.quantize import residual_sums
+            from fpt_deploy.export.quantize import residual_sums
 
             model = onnx.load(str(graphs["ort fp32"]))
             residual_sums(model)

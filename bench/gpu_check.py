@@ -43,7 +43,7 @@ def _sync_time(fn, iters: int, warmup: int = 5) -> float:
 
 
 def train_runs(backbone: str, epochs: int, batch_size: int, lrs: list[float]) -> list[dict]:
-    from training import TrainConfig, train
+    from fpt_deploy.training import TrainConfig, train
 
     runs = []
     for lr, bf16 in [(lr, True) for lr in lrs] + [(lrs[0], False)]:
@@ -134,7 +134,7 @@ def inference_speed(backbone: str, batches: list[int], length: int = 49) -> dict
     if "CUDAExecutionProvider" not in providers:
         result["ort_cuda"] = "CUDAExecutionProvider not available in this onnxruntime build"
         return result
-    from export.graphs import write_backbone_graph
+    from fpt_deploy.export.graphs import write_backbone_graph
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "backbone.onnx"

@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> None:
     """Train ``args.tasks`` as one job in this process; print one JSON line with the figures."""
     import torch
 
-    from training import TrainConfig, multitask_configs, train_multitask
+    from fpt_deploy.training import TrainConfig, multitask_configs, train_multitask
 
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")

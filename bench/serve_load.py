@@ -235,7 +235,7 @@ def raw_backbone(
 ) -> dict[int, float]:
     """Rows/s of the backbone alone (ONNX Runtime, the server's session options), per batch size."""
     from fpt_deploy.artifacts import open_repository
-    from serving.runtime import OrtRuntime
+    from fpt_deploy.serving.runtime import OrtRuntime
 
     r = open_repository(repo)
     b = next(iter(r.backbones.values()))
@@ -261,7 +261,7 @@ def raw_backbone(
 _BACKBONE_RSS = """
 import sys, numpy as np, psutil
 from fpt_deploy.artifacts import open_repository
-from serving.runtime import OrtRuntime
+from fpt_deploy.serving.runtime import OrtRuntime
 repo, variant, length, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = open_repository(repo)
 b = next(iter(r.backbones.values()))
@@ -331,7 +331,7 @@ def build_smoke_repo(dest: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import train_tiny
 
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     checkpoints = [train_tiny(dest / t, t) for t in ("mnist", "bit-xor")]
     export_task(ExportConfig(checkpoints=checkpoints, repo=dest / "repo", validation_rows=16))

@@ -235,7 +235,7 @@ def resolve_checkpoint(cfg: SuiteConfig) -> tuple[Path, dict]:
     else:
         out = cfg.work / f"train-mnist-{cfg.backbone}-{cfg.train_steps}"
         if not (out / "best" / "config.json").is_file():
-            from training import TrainConfig, train
+            from fpt_deploy.training import TrainConfig, train
 
             log.info("no MNIST checkpoint for %s: training %d steps into %s", cfg.backbone, cfg.train_steps, out)
             train(
@@ -266,7 +266,7 @@ def resolve_checkpoint(cfg: SuiteConfig) -> tuple[Path, dict]:
 
 def build_repository(cfg: SuiteConfig, checkpoint: Path) -> Path:
     """A deployment repository of ``checkpoint`` with the int8 variant (cached under ``work``)."""
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
     from fpt_deploy.artifacts import open_repository
 
     repo = cfg.work / f"repo-{_file_key(checkpoint)}"
@@ -285,8 +285,8 @@ def export_full_model(checkpoint: Path, path: Path) -> float:
     import onnxruntime as ort
     import torch
 
-    from export.graphs import example_raw_input
-    from export.onnx_workarounds import export_onnx
+    from fpt_deploy.export.graphs import example_raw_input
+    from fpt_deploy.export.onnx_workarounds import export_onnx
     from fpt_deploy.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0].eval()
@@ -384,7 +384,7 @@ def bench_gemm(cfg: SuiteConfig) -> dict:
     """Matrix-product peak of this CPU with torch: n^3 products, float32 and bf16 alternating, best call."""
     import torch
 
-    from serving.runtime import physical_cores
+    from fpt_deploy.serving.runtime import physical_cores
 
     torch.set_num_threads(cfg.threads or physical_cores())
     n = cfg.gemm_size
@@ -436,7 +436,7 @@ def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
     hidden (B, L, D) float32, attention_mask (B, L) int64.
     """
     from fpt_deploy.artifacts import open_repository, verify_file
-    from serving.runtime import create_head_session
+    from fpt_deploy.serving.runtime import create_head_session
 
     r = open_repository(prep.repo)
     art = r.tasks[prep.task]
@@ -451,7 +451,7 @@ def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
 
     from fpt_deploy.artifacts import open_repository
     from fpt_deploy.backbones import load_backbone
-    from serving.runtime import OrtRuntime, physical_cores
+    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
 
     r = open_repository(prep.repo)
     art = r.tasks[prep.task]
@@ -533,7 +533,7 @@ def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
     compared with, measured in the same minute.
     """
     from fpt_deploy.artifacts import open_repository
-    from serving.runtime import OrtRuntime, physical_cores
+    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
 
     servers: dict[str, ServerProcess] = {}
     for variant in prep.variants:
@@ -650,8 +650,8 @@ def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
     from fpt_deploy.backbones import load_backbone
     from fpt_deploy.model import FPT
     from fpt_deploy.tasks import get_task
-    from serving.runtime import physical_cores
-    from training.loop import autocast, loss_and_correct
+    from fpt_deploy.serving.runtime import physical_cores
+    from fpt_deploy.training.loop import autocast, loss_and_correct
 
     torch.set_num_threads(cfg.threads or physical_cores())
     task = get_task("mnist")

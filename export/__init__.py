@@ -4,11 +4,18 @@
 TensorRT) reuse ``write_backbone_graph`` / ``write_task_graphs`` or read the repository it wrote.
 """
 
-from export.config import ExportConfig
-from export.exporter import ExportResult, TaskExport, ensure_backbone, ensure_int8_backbone, export_task, write_task
-from export.graphs import TaskGraphs, write_backbone_graph, write_task_graphs
-from export.quantize import QuantizationAccuracyError, quantize_backbone_int8
-from export.validate import OrtTask, check_mixed_batch
+from fpt_deploy.export.config import ExportConfig
+from fpt_deploy.export.exporter import (
+    ExportResult,
+    TaskExport,
+    ensure_backbone,
+    ensure_int8_backbone,
+    export_task,
+    write_task,
+)
+from fpt_deploy.export.graphs import TaskGraphs, write_backbone_graph, write_task_graphs
+from fpt_deploy.export.quantize import QuantizationAccuracyError, quantize_backbone_int8
+from fpt_deploy.export.validate import OrtTask, check_mixed_batch
 
 __all__ = [
     "ExportConfig",

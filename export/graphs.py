@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_workarounds import EXAMPLE_BATCH, export_onnx, residual_sums
+from fpt_deploy.export.onnx_workarounds import EXAMPLE_BATCH, export_onnx, residual_sums
 from fpt_deploy.artifacts import (
     BACKBONE_INPUTS,
     BACKBONE_OUTPUT,

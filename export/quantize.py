@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from export.onnx_workarounds import residual_sums
+from fpt_deploy.export.onnx_workarounds import residual_sums
 from fpt_deploy.errors import FptDeployError
 
 log = logging.getLogger(__name__)

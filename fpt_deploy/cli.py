@@ -61,7 +61,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except FptDeployError as e:
             typer.echo(f"error: {e}", err=True)
-            if getattr(sys.modules.get("training.distributed"), "JOINED_PROCESS_GROUP", False):
+            if getattr(sys.modules.get("fpt_deploy.training.distributed"), "JOINED_PROCESS_GROUP", False):
                 # A rank of a torchrun job: skip interpreter teardown, where torch.distributed's gloo
                 # threads can still abort the process (SIGABRT) after this clean error.
                 sys.stdout.flush()
@@ -151,8 +151,8 @@ def train(
     and writes the checkpoints); a single process needs no launcher.
     """
     from fpt_deploy.errors import ConfigError
-    from training import TrainConfig, multitask_configs, train_multitask
-    from training.multitask import parse_task_list
+    from fpt_deploy.training import TrainConfig, multitask_configs, train_multitask
+    from fpt_deploy.training.multitask import parse_task_list
 
     if task is not None and tasks is not None:
         raise ConfigError("pass --task for one task or --tasks for several, not both")
@@ -196,7 +196,7 @@ def evaluate(
     device: Device = typer.Option(Device.auto),
 ) -> None:
     """Print a checkpoint's held-out (test) accuracy."""
-    from training import evaluate_checkpoint
+    from fpt_deploy.training import evaluate_checkpoint
 
     r = evaluate_checkpoint(checkpoint, data_dir, download, device.value)
     typer.echo(f"{r['task']}: test accuracy {r['accuracy']:.4f} on {r['examples']} examples (loss {r['loss']:.4f})")
@@ -236,8 +236,8 @@ def serve(
 
     One backbone and one dynamic batcher serve all tasks; stop with Ctrl-C (in-flight requests finish).
     """
-    from serving import ServeConfig
-    from serving import serve as run_server
+    from fpt_deploy.serving import ServeConfig
+    from fpt_deploy.serving import serve as run_server
 
     config = ServeConfig(
         repo=repo,
@@ -271,8 +271,8 @@ def predict(
     engine: Path = typer.Option(None, help="TensorRT engine file (default: the one recorded in the repository)."),
 ) -> None:
     """Offline batch inference of TASK on the rows of INPUT, through the server's runtime and batcher."""
-    from serving import PredictConfig
-    from serving import predict as run_predict
+    from fpt_deploy.serving import PredictConfig
+    from fpt_deploy.serving import predict as run_predict
 
     config = PredictConfig(
         repo=repo,
@@ -324,7 +324,7 @@ def export(
     """Export tasks to a deployment repository: the backbone ONNX once, per-task heads and norms, validated."""
     if format is ExportFormat.triton and not task and not checkpoint:
         return _write_triton(repo)
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     config = ExportConfig(
         tasks=[t.strip() for item in task for t in item.split(",")],
@@ -355,7 +355,7 @@ def export(
 
 
 def _write_triton(repo: Path) -> None:
-    from export.triton import TritonConfig, write_triton_repository
+    from fpt_deploy.export.triton import TritonConfig, write_triton_repository
 
     result = write_triton_repository(TritonConfig(repo=repo))
     typer.echo(
@@ -378,7 +378,7 @@ def build_engine(
     Needs tensorrt (10.x/11.x) and a CUDA GPU; checks the engine against ONNX Runtime and records it in
     the repository manifest with the task order of its norm tables.
     """
-    from export.tensorrt import EngineConfig, build_trt_engine
+    from fpt_deploy.export.tensorrt import EngineConfig, build_trt_engine
 
     config = EngineConfig(repo=repo, fp16=fp16, max_batch=max_batch, max_len=max_len, max_tasks=max_tasks)
     result = build_trt_engine(config)

@@ -1,11 +1,11 @@
 """Serving: runtimes, the dynamic batcher and the Open Inference Protocol server. Never imports torch."""
 
-from serving.batcher import DynamicBatcher
-from serving.config import PredictConfig, RuntimeConfig, ServeConfig
-from serving.executor import InferenceRequest, InferenceResult, MixedBatchExecutor
-from serving.model import LoadedTask, ServingModel
-from serving.predict import PredictResult, predict
-from serving.runtime import OrtRuntime, Runtime, TensorRTRuntime, create_runtime
+from fpt_deploy.serving.batcher import DynamicBatcher
+from fpt_deploy.serving.config import PredictConfig, RuntimeConfig, ServeConfig
+from fpt_deploy.serving.executor import InferenceRequest, InferenceResult, MixedBatchExecutor
+from fpt_deploy.serving.model import LoadedTask, ServingModel
+from fpt_deploy.serving.predict import PredictResult, predict
+from fpt_deploy.serving.runtime import OrtRuntime, Runtime, TensorRTRuntime, create_runtime
 
 __all__ = [
     "DynamicBatcher",
@@ -31,7 +31,7 @@ __all__ = [
 def __getattr__(name: str):
     """The HTTP server (FastAPI, uvicorn) loads only when asked for: ``predict`` never needs it."""
     if name in ("create_app", "serve", "ServerState"):
-        from serving import server
+        from fpt_deploy.serving import server
 
         return getattr(server, name)
     raise AttributeError(f"module 'serving' has no attribute {name!r}")

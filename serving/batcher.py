@@ -17,9 +17,9 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from serving.errors import InvalidInputError, QueueFullError, ServerClosingError
-from serving.executor import InferenceRequest
-from serving.model import LoadedTask
+from fpt_deploy.serving.errors import InvalidInputError, QueueFullError, ServerClosingError
+from fpt_deploy.serving.executor import InferenceRequest
+from fpt_deploy.serving.model import LoadedTask
 
 log = logging.getLogger(__name__)
 

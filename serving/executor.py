@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.model import LoadedTask
-from serving.runtime import Runtime
+from fpt_deploy.serving.model import LoadedTask
+from fpt_deploy.serving.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

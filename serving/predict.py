@@ -13,10 +13,10 @@ import numpy as np
 
 from fpt_deploy.atomic import write_text, write_with
 from fpt_deploy.errors import ConfigError
-from serving.batcher import DynamicBatcher
-from serving.config import PredictConfig
-from serving.executor import MixedBatchExecutor
-from serving.model import ServingModel
+from fpt_deploy.serving.batcher import DynamicBatcher
+from fpt_deploy.serving.config import PredictConfig
+from fpt_deploy.serving.executor import MixedBatchExecutor
+from fpt_deploy.serving.model import ServingModel
 
 log = logging.getLogger(__name__)
 

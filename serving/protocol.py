@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.errors import MalformedRequestError
+from fpt_deploy.serving.errors import MalformedRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -25,13 +25,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fpt_deploy.errors import FptDeployError, UnknownNameError
-from serving.batcher import DynamicBatcher
-from serving.config import ServeConfig
-from serving.errors import InvalidInputError, RequestTooLargeError
-from serving.executor import InferenceResult, MixedBatchExecutor
-from serving.metrics import ServingMetrics
-from serving.model import LoadedTask, ServingModel
-from serving.protocol import HEADER_LENGTH, decode_request, encode_response, triton_dtype
+from fpt_deploy.serving.batcher import DynamicBatcher
+from fpt_deploy.serving.config import ServeConfig
+from fpt_deploy.serving.errors import InvalidInputError, RequestTooLargeError
+from fpt_deploy.serving.executor import InferenceResult, MixedBatchExecutor
+from fpt_deploy.serving.metrics import ServingMetrics
+from fpt_deploy.serving.model import LoadedTask, ServingModel
+from fpt_deploy.serving.protocol import HEADER_LENGTH, decode_request, encode_response, triton_dtype
 
 log = logging.getLogger(__name__)
 

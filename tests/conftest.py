@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 def train_tiny(out: Path, task: str = "bit-xor", backbone: str = "tiny-bert", steps: int = 4, **options) -> Path:
     """Train ``task`` for a few steps on a tiny random backbone; returns the best-checkpoint folder."""
-    from training import TrainConfig, train
+    from fpt_deploy.training import TrainConfig, train
 
     small = {"train_size": 64, "test_size": 32} if task in ("bit-xor", "bit-memory", "listops") else {}
     if task == "bit-memory":

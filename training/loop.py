@@ -31,8 +31,8 @@ from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_chec
 from fpt_deploy.errors import CheckpointError
 from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
-from training.config import TrainConfig
-from training.distributed import (
+from fpt_deploy.training.config import TrainConfig
+from fpt_deploy.training.distributed import (
     RanksDisagreeError,
     World,
     all_reduce_sums,

@@ -9,7 +9,7 @@ import pytest
 
 
 def _train(out: Path, task: str, backbone: str, **options) -> Path:
-    from training import TrainConfig, train
+    from fpt_deploy.training import TrainConfig, train
 
     train(
         TrainConfig(task=task, backbone=backbone, steps=2, batch_size=16, out=out, task_options=options, progress=False)
@@ -20,7 +20,7 @@ def _train(out: Path, task: str, backbone: str, **options) -> Path:
 @pytest.fixture(scope="session")
 def exported(tiny_checkpoints, tmp_path_factory):
     """mnist and bit-xor (tiny-bert) exported into one repository. Tests must not modify it: copy it."""
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     repo = tmp_path_factory.mktemp("deploy")
     config = ExportConfig(

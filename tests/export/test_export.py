@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export import ExportConfig, export_task
+from fpt_deploy.export import ExportConfig, export_task
 from fpt_deploy.artifacts import BACKBONE_INPUTS, BACKBONE_OUTPUT, open_repository
 from fpt_deploy.errors import ConfigError
 

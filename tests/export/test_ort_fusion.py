@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import fpt_deploy.ort_fusion as ort_fusion
-from export.graphs import write_backbone_graph
+from fpt_deploy.export.graphs import write_backbone_graph
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.ort_fusion import fuse_to_file, ort_graph
 

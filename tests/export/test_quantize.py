@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-import export.exporter
-from export import ExportConfig, QuantizationAccuracyError, export_task
-from export.onnx_workarounds import residual_sums
-from export.quantize import activation_ranges, check_accuracy_drop, quantize_backbone_int8, smooth_matmuls
-from export.validate import ort_session
+import fpt_deploy.export.exporter as exporter
+from fpt_deploy.export import ExportConfig, QuantizationAccuracyError, export_task
+from fpt_deploy.export.onnx_workarounds import residual_sums
+from fpt_deploy.export.quantize import activation_ranges, check_accuracy_drop, quantize_backbone_int8, smooth_matmuls
+from fpt_deploy.export.validate import ort_session
 from fpt_deploy.artifacts import open_repository
 
 
@@ -58,7 +58,7 @@ def test_accuracy_drop_above_tolerance_is_refused_unless_forced():
 def test_cli_refuses_a_lossy_int8_backbone_with_exit_2_unless_forced(repo_copy, tiny_checkpoints, monkeypatch):
     from fpt_deploy.cli import app
 
-    real_accuracy, real_session = export.exporter.accuracy, export.exporter.ort_session
+    real_accuracy, real_session = exporter.accuracy, exporter.ort_session
     int8_sessions = set()
 
     def session(path, fused=False):  # remembers which sessions run an int8 graph
@@ -71,8 +71,8 @@ def test_cli_refuses_a_lossy_int8_backbone_with_exit_2_unless_forced(repo_copy, 
         acc = real_accuracy(ort_task, backbone, raw, labels)
         return acc - 0.02 if id(backbone) in int8_sessions else acc
 
-    monkeypatch.setattr(export.exporter, "ort_session", session)
-    monkeypatch.setattr(export.exporter, "accuracy", lossy)
+    monkeypatch.setattr(exporter, "ort_session", session)
+    monkeypatch.setattr(exporter, "accuracy", lossy)
     args = ["export", "--checkpoint", str(tiny_checkpoints["mnist"]), "--repo", str(repo_copy), "--quantize", "int8"]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2, refused.output

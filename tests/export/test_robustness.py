@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from export.validate import ort_session
+from fpt_deploy.export.validate import ort_session
 from fpt_deploy.artifacts import open_repository
 from fpt_deploy.errors import ArtifactError
 
@@ -66,7 +66,7 @@ def test_killed_export_leaves_the_previous_repository_loadable(
     repo = _load_everything(repo_copy)
     assert repo.to_manifest() == before
     # ... and the next export completes over the leftovers.
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     export_task(ExportConfig(checkpoints=[checkpoint], repo=repo_copy))
     repo = _load_everything(repo_copy)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from export.tensorrt import (
+from fpt_deploy.export.tensorrt import (
     EngineConfig,
     UnsupportedOperatorError,
     build_trt_engine,
@@ -29,8 +29,8 @@ TASKS = ("mnist", "bit-xor")
 @pytest.fixture(scope="module")
 def deploy_repo(tiny_checkpoints, tmp_path_factory) -> Path:
     """A deployment repository with mnist and bit-xor on tiny-bert, written by the real exporter."""
-    from export.config import ExportConfig
-    from export.exporter import export_task
+    from fpt_deploy.export.config import ExportConfig
+    from fpt_deploy.export.exporter import export_task
 
     repo = tmp_path_factory.mktemp("deploy")
     export_task(ExportConfig(checkpoints=[tiny_checkpoints[t] for t in TASKS], repo=repo, validation_rows=8))
@@ -166,7 +166,7 @@ def test_build_without_tensorrt_is_a_clear_error_and_cli_exit_2(deploy_repo):
 def test_engine_matches_onnxruntime_and_is_recorded(deploy_repo, fp16):
     import tensorrt as trt
 
-    from export.tensorrt import run_trt_engine
+    from fpt_deploy.export.tensorrt import run_trt_engine
     from fpt_deploy.artifacts import open_repository
 
     result = build_trt_engine(EngineConfig(repo=deploy_repo, fp16=fp16, max_batch=16, max_len=64, max_tasks=4))

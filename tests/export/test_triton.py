@@ -13,7 +13,7 @@ pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the d
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from export.triton import TritonConfig, add_norm_outputs, write_triton_repository  # noqa: E402
+from fpt_deploy.export.triton import TritonConfig, add_norm_outputs, write_triton_repository  # noqa: E402
 from fpt_deploy.errors import ArtifactError, ConfigError, UnknownNameError  # noqa: E402
 
 TASKS = ("mnist", "bit-xor")
@@ -22,8 +22,8 @@ TASKS = ("mnist", "bit-xor")
 @pytest.fixture(scope="module")
 def deploy_repo(tiny_checkpoints, tmp_path_factory) -> Path:
     """A deployment repository with mnist and bit-xor on tiny-bert, written by the real exporter."""
-    from export.config import ExportConfig
-    from export.exporter import export_task
+    from fpt_deploy.export.config import ExportConfig
+    from fpt_deploy.export.exporter import export_task
 
     repo = tmp_path_factory.mktemp("deploy")
     export_task(ExportConfig(checkpoints=[tiny_checkpoints[t] for t in TASKS], repo=repo, validation_rows=8))

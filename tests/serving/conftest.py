@@ -233,7 +233,7 @@ def make_inputs():
 @pytest.fixture(scope="session")
 def exported_repo(tiny_checkpoints, tmp_path_factory) -> Path:
     """A real deployment repository: the tiny mnist and bit-xor checkpoints through ``export.export_task``."""
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     root = tmp_path_factory.mktemp("exported") / "repo"
     export_task(

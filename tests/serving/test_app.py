@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
-from serving.metrics import ServingMetrics
-from serving.server import ServerState, create_app
+from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
+from fpt_deploy.serving.metrics import ServingMetrics
+from fpt_deploy.serving.server import ServerState, create_app
 
 
 def body(x: np.ndarray) -> bytes:

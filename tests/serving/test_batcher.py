@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fpt_deploy.errors import UnknownNameError
-from serving import DynamicBatcher, MixedBatchExecutor, RuntimeConfig, ServingModel
-from serving.errors import InvalidInputError, QueueFullError, ServerClosingError
-from serving.executor import InferenceRequest, plan_length_groups, real_lengths
-from serving.metrics import ServingMetrics
+from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, RuntimeConfig, ServingModel
+from fpt_deploy.serving.errors import InvalidInputError, QueueFullError, ServerClosingError
+from fpt_deploy.serving.executor import InferenceRequest, plan_length_groups, real_lengths
+from fpt_deploy.serving.metrics import ServingMetrics
 
 
 class CountingRuntime:

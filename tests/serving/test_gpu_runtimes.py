@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from serving import MixedBatchExecutor, RuntimeConfig, ServingModel
-from serving.executor import InferenceRequest
+from fpt_deploy.serving import MixedBatchExecutor, RuntimeConfig, ServingModel
+from fpt_deploy.serving.executor import InferenceRequest
 
 
 def mixed_logits(config: RuntimeConfig, rng_seed: int = 0) -> list[np.ndarray]:
@@ -39,7 +39,7 @@ def test_ort_cuda_matches_cpu(exported_repo):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
-    from export.tensorrt import EngineConfig, build_trt_engine
+    from fpt_deploy.export.tensorrt import EngineConfig, build_trt_engine
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

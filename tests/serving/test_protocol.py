@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from serving.errors import MalformedRequestError
-from serving.protocol import decode_request, encode_response
+from fpt_deploy.serving.errors import MalformedRequestError
+from fpt_deploy.serving.protocol import decode_request, encode_response
 
 
 def triton_body(arrays: dict[str, np.ndarray], binary: bool, outputs=None):

@@ -377,9 +377,9 @@ class BlockTorch:
 
 sys.meta_path.insert(0, BlockTorch())
 import numpy as np
-import serving
-from serving import PredictConfig, predict
-from serving.server import create_app, ServerState
+import fpt_deploy.serving
+from fpt_deploy.serving import PredictConfig, predict
+from fpt_deploy.serving.server import create_app, ServerState
 result = predict(PredictConfig(repo={str(exported_repo)!r}, task="bit-xor", input={str(tmp_path / "x.npy")!r},
                                output={str(tmp_path / "y.npz")!r}, threads=1))
 assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]

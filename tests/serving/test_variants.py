@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fpt_deploy.errors import ArtifactError
-from serving import MixedBatchExecutor, RuntimeConfig, ServingModel
-from serving.executor import InferenceRequest
+from fpt_deploy.serving import MixedBatchExecutor, RuntimeConfig, ServingModel
+from fpt_deploy.serving.executor import InferenceRequest
 
 
 def mixed_probabilities(config: RuntimeConfig) -> list[np.ndarray]:
@@ -26,7 +26,7 @@ def mixed_probabilities(config: RuntimeConfig) -> list[np.ndarray]:
 
 
 def test_int8_backbone_serves_the_same_heads(exported_repo, tiny_checkpoints, tmp_path):
-    from export import ExportConfig, export_task
+    from fpt_deploy.export import ExportConfig, export_task
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

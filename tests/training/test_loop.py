@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.loop as loop
+import fpt_deploy.training.loop as loop
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import load_checkpoint
 from fpt_deploy.errors import CheckpointError, ConfigError
 from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
-from training import TrainConfig, train
+from fpt_deploy.training import TrainConfig, train
 
 SMALL_XOR = {"train_size": 64, "test_size": 32}
 

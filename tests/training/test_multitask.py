@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import training.loop as loop
+import fpt_deploy.training.loop as loop
 from fpt_deploy.checkpoint import load_checkpoint
 from fpt_deploy.cli import app
 from fpt_deploy.errors import ConfigError, UnknownNameError
-from training import TrainConfig, multitask_configs, split_task_options, train, train_multitask
-from training.multitask import parse_task_list
+from fpt_deploy.training import TrainConfig, multitask_configs, split_task_options, train, train_multitask
+from fpt_deploy.training.multitask import parse_task_list
 
 TASKS = ["bit-xor", "mnist", "bit-memory"]
 OPTIONS = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fpt_deploy.errors import ConfigError
-from training import TrainConfig
-from training.loop import learning_rate
+from fpt_deploy.training import TrainConfig
+from fpt_deploy.training.loop import learning_rate
 
 
 def test_cosine_warms_up_then_decays_to_zero():
