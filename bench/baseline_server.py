@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
 from fpt_deploy.serving.server import GIL_SWITCH_INTERVAL_S
 
 log = logging.getLogger("bench.baseline_server")
@@ -75,9 +74,9 @@ def load_torch_models(models: dict[str, Path], threads: int):
 def load_ort_models(models: dict[str, Path], threads: int):
     """task -> callable(raw ndarray) -> logits ndarray; one full-model session per task."""
     import onnxruntime as ort
+    from fpt_deploy.serving.runtime import session_options
 
     from fpt_deploy.ort_fusion import ort_graph
-    from fpt_deploy.serving.runtime import session_options
 
     fns = {}
     for name, path in models.items():

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import onnxruntime as ort
     import torch
-
     from fpt_deploy.export import quantize_backbone_int8, write_backbone_graph
+
     from fpt_deploy.backbones import load_backbone
 
     torch.set_num_threads(args.threads)
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
             quantize_backbone_int8(graphs["ort fp32"], graphs["ort int8 sq"], calibration=calib, alpha=args.smoothquant)
         if args.fp32_residual_sums:
             import onnx
-
             from fpt_deploy.export.quantize import residual_sums
 
             model = onnx.load(str(graphs["ort fp32"]))

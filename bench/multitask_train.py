@@ -35,7 +35,6 @@ OPTIONS = [
 def _worker(args: argparse.Namespace) -> None:
     """Train ``args.tasks`` as one job in this process; print one JSON line with the figures."""
     import torch
-
     from fpt_deploy.training import TrainConfig, multitask_configs, train_multitask
 
     torch.set_num_threads(args.threads)

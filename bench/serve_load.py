@@ -234,8 +234,9 @@ def raw_backbone(
     repo: Path, variant: str, threads: int | None, length: int, batches: list[int], max_seconds: float
 ) -> dict[int, float]:
     """Rows/s of the backbone alone (ONNX Runtime, the server's session options), per batch size."""
-    from fpt_deploy.artifacts import open_repository
     from fpt_deploy.serving.runtime import OrtRuntime
+
+    from fpt_deploy.artifacts import open_repository
 
     r = open_repository(repo)
     b = next(iter(r.backbones.values()))
@@ -330,7 +331,6 @@ def build_smoke_repo(dest: Path) -> Path:
     """A tiny-bert repository (mnist and bit-xor, a few training steps): for smoke runs only."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import train_tiny
-
     from fpt_deploy.export import ExportConfig, export_task
 
     checkpoints = [train_tiny(dest / t, t) for t in ("mnist", "bit-xor")]

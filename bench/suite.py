@@ -267,6 +267,7 @@ def resolve_checkpoint(cfg: SuiteConfig) -> tuple[Path, dict]:
 def build_repository(cfg: SuiteConfig, checkpoint: Path) -> Path:
     """A deployment repository of ``checkpoint`` with the int8 variant (cached under ``work``)."""
     from fpt_deploy.export import ExportConfig, export_task
+
     from fpt_deploy.artifacts import open_repository
 
     repo = cfg.work / f"repo-{_file_key(checkpoint)}"
@@ -284,9 +285,9 @@ def export_full_model(checkpoint: Path, path: Path) -> float:
     """The task's whole model (input head + body + output head) as ONE ONNX graph; max |ORT - torch|."""
     import onnxruntime as ort
     import torch
-
     from fpt_deploy.export.graphs import example_raw_input
     from fpt_deploy.export.onnx_workarounds import export_onnx
+
     from fpt_deploy.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0].eval()
@@ -383,7 +384,6 @@ def int8_accuracy(repo: Path) -> dict:
 def bench_gemm(cfg: SuiteConfig) -> dict:
     """Matrix-product peak of this CPU with torch: n^3 products, float32 and bf16 alternating, best call."""
     import torch
-
     from fpt_deploy.serving.runtime import physical_cores
 
     torch.set_num_threads(cfg.threads or physical_cores())
@@ -435,8 +435,9 @@ def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
     hidden (B, L, D) float32, attention_mask (B, L) int64.
     """
-    from fpt_deploy.artifacts import open_repository, verify_file
     from fpt_deploy.serving.runtime import create_head_session
+
+    from fpt_deploy.artifacts import open_repository, verify_file
 
     r = open_repository(prep.repo)
     art = r.tasks[prep.task]
@@ -448,10 +449,10 @@ def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
 def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
     """Rows/s of the body alone: ORT (server session options) fp32/int8 and PyTorch eager, per batch."""
     import torch
+    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
 
     from fpt_deploy.artifacts import open_repository
     from fpt_deploy.backbones import load_backbone
-    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
 
     r = open_repository(prep.repo)
     art = r.tasks[prep.task]
@@ -532,8 +533,9 @@ def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
     level's batches can reach) is timed right then, with every server idle: the ceiling that level is
     compared with, measured in the same minute.
     """
-    from fpt_deploy.artifacts import open_repository
     from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
+
+    from fpt_deploy.artifacts import open_repository
 
     servers: dict[str, ServerProcess] = {}
     for variant in prep.variants:
@@ -646,12 +648,12 @@ def bench_memory(cfg: SuiteConfig, prep: Prepared, scratch: Path) -> dict:
 def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
     """Optimizer steps/s: the FPT step (heads, positions, norms train) vs full fine-tuning, fp32 and bf16."""
     import torch
+    from fpt_deploy.serving.runtime import physical_cores
+    from fpt_deploy.training.loop import autocast, loss_and_correct
 
     from fpt_deploy.backbones import load_backbone
     from fpt_deploy.model import FPT
     from fpt_deploy.tasks import get_task
-    from fpt_deploy.serving.runtime import physical_cores
-    from fpt_deploy.training.loop import autocast, loss_and_correct
 
     torch.set_num_threads(cfg.threads or physical_cores())
     task = get_task("mnist")

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from fpt_deploy.export.config import ExportConfig
 from fpt_deploy.export.graphs import TaskGraphs, task_norms, write_backbone_graph, write_task_graphs
 from fpt_deploy.export.quantize import METHOD, QuantizationAccuracyError, check_accuracy_drop, quantize_backbone_int8
 from fpt_deploy.export.validate import OrtTask, accuracy, check_backbone, check_mixed_batch, check_task, ort_session
+
 from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
     OUTPUT_HEAD_OUTPUT,

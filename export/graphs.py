@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fpt_deploy.export.onnx_workarounds import EXAMPLE_BATCH, export_onnx, residual_sums
 from torch import nn
 
-from fpt_deploy.export.onnx_workarounds import EXAMPLE_BATCH, export_onnx, residual_sums
 from fpt_deploy.artifacts import (
     BACKBONE_INPUTS,
     BACKBONE_OUTPUT,

@@ -38,6 +38,7 @@ import logging
 from pathlib import Path
 
 from fpt_deploy.export.onnx_workarounds import residual_sums
+
 from fpt_deploy.errors import FptDeployError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
-
 from fpt_deploy.serving.errors import InvalidInputError, QueueFullError, ServerClosingError
 from fpt_deploy.serving.executor import InferenceRequest
 from fpt_deploy.serving.model import LoadedTask

@@ -22,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fpt_deploy.serving.model import LoadedTask
 from fpt_deploy.serving.runtime import Runtime
 

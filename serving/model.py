@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fpt_deploy.serving.config import RuntimeConfig
+from fpt_deploy.serving.errors import InvalidInputError
+from fpt_deploy.serving.protocol import triton_dtype
+from fpt_deploy.serving.runtime import Runtime, create_head_session, create_runtime
 
 from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
@@ -24,10 +28,6 @@ from fpt_deploy.artifacts import (
     verify_file,
 )
 from fpt_deploy.errors import ArtifactError, ConfigError, FingerprintMismatchError
-from fpt_deploy.serving.config import RuntimeConfig
-from fpt_deploy.serving.errors import InvalidInputError
-from fpt_deploy.serving.protocol import triton_dtype
-from fpt_deploy.serving.runtime import Runtime, create_head_session, create_runtime
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from fpt_deploy.atomic import write_text, write_with
-from fpt_deploy.errors import ConfigError
 from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import PredictConfig
 from fpt_deploy.serving.executor import MixedBatchExecutor
 from fpt_deploy.serving.model import ServingModel
+
+from fpt_deploy.atomic import write_text, write_with
+from fpt_deploy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

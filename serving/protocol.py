@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fpt_deploy.serving.errors import MalformedRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -22,9 +22,6 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from fpt_deploy.errors import FptDeployError, UnknownNameError
 from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import ServeConfig
 from fpt_deploy.serving.errors import InvalidInputError, RequestTooLargeError
@@ -32,6 +29,9 @@ from fpt_deploy.serving.executor import InferenceResult, MixedBatchExecutor
 from fpt_deploy.serving.metrics import ServingMetrics
 from fpt_deploy.serving.model import LoadedTask, ServingModel
 from fpt_deploy.serving.protocol import HEADER_LENGTH, decode_request, encode_response, triton_dtype
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fpt_deploy.errors import FptDeployError, UnknownNameError
 
 log = logging.getLogger(__name__)
 

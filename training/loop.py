@@ -23,14 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from fpt_deploy.backbones import load_backbone
-from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
-from fpt_deploy.errors import CheckpointError
-from fpt_deploy.model import FPT
-from fpt_deploy.tasks import get_task
 from fpt_deploy.training.config import TrainConfig
 from fpt_deploy.training.distributed import (
     RanksDisagreeError,
@@ -43,6 +35,14 @@ from fpt_deploy.training.distributed import (
     shard,
     wrap_model,
 )
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fpt_deploy.backbones import load_backbone
+from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
+from fpt_deploy.errors import CheckpointError
+from fpt_deploy.model import FPT
+from fpt_deploy.tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from fpt_deploy.errors import collect
-from fpt_deploy.tasks import parse_options
 from fpt_deploy.training.config import TrainConfig
 from fpt_deploy.training.loop import TrainResult, run_job
+
+from fpt_deploy.errors import collect
+from fpt_deploy.tasks import parse_options
 
 # Settings the job shares: the one body, where it runs, and how the ranks meet.
 SHARED_SETTINGS = ("backbone", "device", "bf16", "dist_backend", "progress")

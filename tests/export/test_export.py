@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from fpt_deploy.export import ExportConfig, export_task
+
 from fpt_deploy.artifacts import BACKBONE_INPUTS, BACKBONE_OUTPUT, open_repository
 from fpt_deploy.errors import ConfigError
 

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from fpt_deploy.export.graphs import write_backbone_graph
 
 import fpt_deploy.ort_fusion as ort_fusion
-from fpt_deploy.export.graphs import write_backbone_graph
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.ort_fusion import fuse_to_file, ort_graph
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import fpt_deploy.export.exporter as exporter
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from typer.testing import CliRunner
-
-import fpt_deploy.export.exporter as exporter
 from fpt_deploy.export import ExportConfig, QuantizationAccuracyError, export_task
 from fpt_deploy.export.onnx_workarounds import residual_sums
 from fpt_deploy.export.quantize import activation_ranges, check_accuracy_drop, quantize_backbone_int8, smooth_matmuls
 from fpt_deploy.export.validate import ort_session
+from typer.testing import CliRunner
+
 from fpt_deploy.artifacts import open_repository
 
 

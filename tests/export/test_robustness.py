@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-
 from fpt_deploy.export.validate import ort_session
+
 from fpt_deploy.artifacts import open_repository
 from fpt_deploy.errors import ArtifactError
 

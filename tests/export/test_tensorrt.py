@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
 from fpt_deploy.export.tensorrt import (
     EngineConfig,
     UnsupportedOperatorError,
@@ -21,6 +19,8 @@ from fpt_deploy.export.tensorrt import (
     unsupported_tensorrt_ops,
     wrap_with_task_index,
 )
+from onnx import TensorProto, helper
+
 from fpt_deploy.errors import ArtifactError, ConfigError, RuntimeUnavailableError
 
 TASKS = ("mnist", "bit-xor")
@@ -165,8 +165,8 @@ def test_build_without_tensorrt_is_a_clear_error_and_cli_exit_2(deploy_repo):
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_engine_matches_onnxruntime_and_is_recorded(deploy_repo, fp16):
     import tensorrt as trt
-
     from fpt_deploy.export.tensorrt import run_trt_engine
+
     from fpt_deploy.artifacts import open_repository
 
     result = build_trt_engine(EngineConfig(repo=deploy_repo, fp16=fp16, max_batch=16, max_len=64, max_tasks=4))

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the dev extra) for ModelConfig")
 
+from fpt_deploy.export.triton import TritonConfig, add_norm_outputs, write_triton_repository  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
-from fpt_deploy.export.triton import TritonConfig, add_norm_outputs, write_triton_repository  # noqa: E402
 from fpt_deploy.errors import ArtifactError, ConfigError, UnknownNameError  # noqa: E402
 
 TASKS = ("mnist", "bit-xor")

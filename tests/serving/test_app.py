@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-
 from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
 from fpt_deploy.serving.metrics import ServingMetrics
 from fpt_deploy.serving.server import ServerState, create_app

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-
-from fpt_deploy.errors import UnknownNameError
 from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, RuntimeConfig, ServingModel
 from fpt_deploy.serving.errors import InvalidInputError, QueueFullError, ServerClosingError
 from fpt_deploy.serving.executor import InferenceRequest, plan_length_groups, real_lengths
 from fpt_deploy.serving.metrics import ServingMetrics
+
+from fpt_deploy.errors import UnknownNameError
 
 
 class CountingRuntime:

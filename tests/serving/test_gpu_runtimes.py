@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from fpt_deploy.serving import MixedBatchExecutor, RuntimeConfig, ServingModel
 from fpt_deploy.serving.executor import InferenceRequest
 

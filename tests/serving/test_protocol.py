@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from fpt_deploy.serving.errors import MalformedRequestError
 from fpt_deploy.serving.protocol import decode_request, encode_response
 

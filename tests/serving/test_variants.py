@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-
-from fpt_deploy.errors import ArtifactError
 from fpt_deploy.serving import MixedBatchExecutor, RuntimeConfig, ServingModel
 from fpt_deploy.serving.executor import InferenceRequest
+
+from fpt_deploy.errors import ArtifactError
 
 
 def mixed_probabilities(config: RuntimeConfig) -> list[np.ndarray]:

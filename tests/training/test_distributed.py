@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fpt_deploy.training.distributed import LaunchError, World, init_world, read_launcher_env, shard
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fpt_deploy.cli import app
 from fpt_deploy.errors import ConfigError, FptDeployError
-from fpt_deploy.training.distributed import LaunchError, World, init_world, read_launcher_env, shard
 
 # 61 examples in global batches of 15: an epoch is 15, 15, 15, 15, 1. Two ranks split 15 as 8 + 7 (uneven
 # shares) and the tail batch of 1 leaves rank 1 a zero-weight sample: both paths must still match.

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import fpt_deploy.training.loop as loop
 import pytest
 import torch
+from fpt_deploy.training import TrainConfig, train
 from safetensors.torch import load_file
 
-import fpt_deploy.training.loop as loop
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import load_checkpoint
 from fpt_deploy.errors import CheckpointError, ConfigError
 from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
-from fpt_deploy.training import TrainConfig, train
 
 SMALL_XOR = {"train_size": 64, "test_size": 32}
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import fpt_deploy.training.loop as loop
 import pytest
 import torch
+from fpt_deploy.training import TrainConfig, multitask_configs, split_task_options, train, train_multitask
+from fpt_deploy.training.multitask import parse_task_list
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import fpt_deploy.training.loop as loop
 from fpt_deploy.checkpoint import load_checkpoint
 from fpt_deploy.cli import app
 from fpt_deploy.errors import ConfigError, UnknownNameError
-from fpt_deploy.training import TrainConfig, multitask_configs, split_task_options, train, train_multitask
-from fpt_deploy.training.multitask import parse_task_list
 
 TASKS = ["bit-xor", "mnist", "bit-memory"]
 OPTIONS = [

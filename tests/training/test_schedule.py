@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from fpt_deploy.errors import ConfigError
 from fpt_deploy.training import TrainConfig
 from fpt_deploy.training.loop import learning_rate
+
+from fpt_deploy.errors import ConfigError
 
 
 def test_cosine_warms_up_then_decays_to_zero():
