@@ -1,0 +1,118 @@
+"""The layers of the code base and which imports which (docs/architecture.md, "Layout").
+
+Run as a script to print each package's imports of the others::
+
+    python tests/layers.py
+
+``tests/test_layout.py`` asserts that every arrow points down: core <- training / export / serving
+<- cli / demo, and that training, export and serving never import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Folder in the repository -> the installed package it becomes (pyproject's package-dir mapping).
+PACKAGE_DIRS = {
+    "fpt_deploy": "fpt_deploy",
+    "training": "fpt_deploy.training",
+    "export": "fpt_deploy.export",
+    "serving": "fpt_deploy.serving",
+}
+TOP = ("fpt_deploy.cli", "fpt_deploy.demo")  # the top layer: nothing below may import these
+LAYER_OF = {"core": 0, "fpt_deploy.training": 1, "fpt_deploy.export": 1, "fpt_deploy.serving": 1, "top": 2}
+
+
+def module_name(path: Path) -> str:
+    """``serving/runtimes/ort.py`` -> ``fpt_deploy.serving.runtimes.ort``."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    parts[0] = PACKAGE_DIRS[parts[0]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def package_of(module: str) -> str:
+    """The layer a module belongs to: "top", one of the three packages, or "core"."""
+    if any(module == t or module.startswith(t + ".") for t in TOP):
+        return "top"
+    for pkg in ("fpt_deploy.training", "fpt_deploy.export", "fpt_deploy.serving"):
+        if module == pkg or module.startswith(pkg + "."):
+            return pkg
+    return "core"
+
+
+def project_modules() -> dict[str, Path]:
+    out = {}
+    for folder in PACKAGE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            out[module_name(path)] = path
+    return out
+
+
+def imports_of(module: str, path: Path) -> set[str]:
+    """Every ``fpt_deploy...`` module that ``module`` imports, at any depth of the file (lazy ones too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{a.name}" for a in node.names)
+    return {m for m in found if m == "fpt_deploy" or m.startswith("fpt_deploy.")}
+
+
+def package_edges() -> dict[tuple[str, str], list[str]]:
+    """(importing layer, imported layer) -> the modules that make that arrow, for arrows between layers."""
+    modules = project_modules()
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, path in modules.items():
+        src = package_of(module)
+        for target in sorted(imports_of(module, path)):
+            if target not in modules and target.rsplit(".", 1)[0] in modules:
+                target = target.rsplit(".", 1)[0]  # `from pkg.mod import name`: the module is pkg.mod
+            if target not in modules:
+                continue
+            dst = package_of(target)
+            if dst != src:
+                edges[(src, dst)].append(f"{module} -> {target}")
+    return dict(edges)
+
+
+def upward(edges: dict[tuple[str, str], list[str]]) -> list[str]:
+    """The imports that break the layering: to the same or a higher layer, between different packages."""
+    bad = []
+    for (src, dst), lines in edges.items():
+        if LAYER_OF.get(dst, 0) >= LAYER_OF.get(src, 0):
+            bad.extend(lines)
+    return bad
+
+
+def main() -> int:
+    edges = package_edges()
+    for (src, dst), lines in sorted(edges.items()):
+        print(f"{src:<22} -> {dst:<22} ({len(lines)} imports)")
+    bad = upward(edges)
+    print("\nupward or sideways imports:", "none" if not bad else "")
+    for line in bad:
+        print("  ", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
