@@ -9,7 +9,8 @@ repository loadable:
    checked end to end (ORT vs PyTorch logits on held-out rows), then swapped in as one folder;
    identical files already in place are left untouched;
 3. a mixed-task batch through one backbone call, when the backbone serves more than one task;
-4. the manifest (the only file that makes new artifacts visible to a reader);
+4. the manifest (the only file that makes new artifacts visible to a reader), re-read and written
+   under the repository's lock (``repository_lock``), so concurrent exports of different tasks all land;
 5. with ``quantize="int8"``: the int8 variant, each task's held-out accuracy float vs int8, and the
    manifest again, only when no task loses more than the tolerance (or ``force``).
 """
@@ -38,6 +39,7 @@ from fpt_deploy.artifacts import (
     TaskArtifact,
     backbone_dir,
     open_repository,
+    repository_lock,
     sha256_file,
     task_dir,
     verify_file,
@@ -92,20 +94,24 @@ def export_task(config: ExportConfig) -> ExportResult:
     for path, model, task, ckpt in loaded:
         fp = ckpt["fingerprint"]
         if fp not in sessions:
-            artifact, written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
-            if written:
-                result.backbones_written.append(f"{fp[:16]}/{FP32}")
+            with repository_lock(repo.root):
+                _reread_manifest(repo)
+                artifact, written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
+                if written:  # listed at once: a concurrent export of the same body reuses this file
+                    repo.save_manifest()
+                    result.backbones_written.append(f"{fp[:16]}/{FP32}")
             sessions[fp] = ort_session(artifact.path(repo.root, FP32), fused=True)  # as served
         data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
         raw = data[task.name].inputs[: config.validation_rows]
         export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config)
-        repo.tasks[task.name] = export.artifact
         result.tasks[task.name] = export
-    for fp, backbone in sessions.items():
-        ort_tasks = _ort_tasks_with_data(repo, fp, data)
-        if len(ort_tasks) > 1:
-            result.mixed_batch_diff[fp] = check_mixed_batch(ort_tasks, backbone, config.atol)
-    repo.save_manifest()
+    with repository_lock(repo.root):  # other exports may have listed their tasks since this one began
+        _reread_manifest(repo, result.tasks)
+        for fp, backbone in sessions.items():
+            ort_tasks = _ort_tasks_with_data(repo, fp, data)
+            if len(ort_tasks) > 1:
+                result.mixed_batch_diff[fp] = check_mixed_batch(ort_tasks, backbone, config.atol)
+        repo.save_manifest()
     log.info(
         "manifest %s lists %d task(s) on %d backbone(s)",
         repo.root / "manifest.json",
@@ -114,12 +120,24 @@ def export_task(config: ExportConfig) -> ExportResult:
     )
     if config.quantize == INT8:
         for fp in sessions:
-            written, report = ensure_int8_backbone(repo, fp, data, config, sessions[fp])
+            with repository_lock(repo.root):
+                _reread_manifest(repo, result.tasks)
+                written, report = ensure_int8_backbone(repo, fp, data, config, sessions[fp])
             result.accuracy |= report
             if written:
                 result.backbones_written.append(f"{fp[:16]}/{INT8}")
     result.backbones = {fp: {v: repo.root / f for v, f in repo.backbones[fp].files.items()} for fp in sessions}
     return result
+
+
+def _reread_manifest(repo: Repository, ours: dict[str, TaskExport] | None = None) -> None:
+    """Make ``repo`` what the manifest on disk lists now, plus the tasks this run exported (``ours``).
+
+    Call it holding ``repository_lock``: what is then saved keeps every other writer's tasks.
+    """
+    current = open_repository(repo.root, create=True)
+    repo.backbones = current.backbones
+    repo.tasks = current.tasks | {name: export.artifact for name, export in (ours or {}).items()}
 
 
 def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) -> tuple[BackboneArtifact, bool]:

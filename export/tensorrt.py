@@ -43,6 +43,7 @@ from fpt_deploy.artifacts import (
     Repository,
     backbone_dir,
     open_repository,
+    repository_lock,
     sha256_file,
 )
 from fpt_deploy.atomic import write_bytes, write_with
@@ -572,12 +573,13 @@ def build_trt_engine(config: EngineConfig) -> EngineResult:
         "compute_capability": list(torch.cuda.get_device_capability()),
         "max_abs_diff_vs_onnxruntime": diff,
     }
-    # Re-read the manifest just before writing it, so a concurrent export's additions are kept.
-    repo = open_repository(config.repo)
-    entry = repo.backbones[backbone.fingerprint]
-    for variant, rel in ((config.variant, plan_rel), ("task-index", wrapped_rel)):
-        entry.files[variant], entry.sha256[variant] = rel, sha256_file(repo.root / rel)
-    entry.extra.setdefault("engines", {})[config.variant] = info
-    repo.save_manifest()
+    # Re-read the manifest under the repository's lock, so a concurrent export's additions are kept.
+    with repository_lock(config.repo):
+        repo = open_repository(config.repo)
+        entry = repo.backbones[backbone.fingerprint]
+        for variant, rel in ((config.variant, plan_rel), ("task-index", wrapped_rel)):
+            entry.files[variant], entry.sha256[variant] = rel, sha256_file(repo.root / rel)
+        entry.extra.setdefault("engines", {})[config.variant] = info
+        repo.save_manifest()
     log.info("wrote %s (%.1f MB) in %.0fs", plan_rel, len(engine_bytes) / 1e6, seconds)
     return EngineResult(repo.root / plan_rel, config.variant, backbone.fingerprint, tasks, diff, seconds, info)

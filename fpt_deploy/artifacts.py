@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from fpt_deploy.errors import ArtifactError, FingerprintMismatchError
 REPOSITORY_FORMAT = "fpt-deploy-repository/1"
 TASK_FORMAT = "fpt-deploy-task/1"
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"  # taken by every writer of the manifest (``repository_lock``)
+LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another one to finish
 
 # Graph I/O names: the contract between export and serving (DESIGN.md, "Backbone ONNX contract").
 BACKBONE_INPUTS = ("hidden", "attention_mask", "norm_weight", "norm_bias")
@@ -200,3 +204,30 @@ def open_repository(root: str | Path, *, create: bool = False) -> Repository:
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{root / MANIFEST} is malformed ({e}); re-run `fpt-deploy export`") from e
     return Repository(root, backbones, tasks)
+
+
+@contextmanager
+def repository_lock(root: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the repository's exclusive lock: every read-modify-write of its manifest happens inside one.
+
+    Two exports adding different tasks would otherwise each read the manifest, add their own task and
+    write it back, and the later write would drop the earlier task. The lock is an OS file lock
+    (``filelock``), so a killed writer releases it; readers never take it, since the manifest is
+    always replaced in one rename.
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ArtifactError(
+            f"{root} stayed locked by another writer for {timeout:.0f}s ({root / LOCK}); "
+            "wait for the other `fpt-deploy export` to finish, then run this one again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,96 @@
+"""Concurrent writers of one deployment repository: every export lands, a killed writer frees the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fpt_deploy.artifacts import LOCK, open_repository, repository_lock
+from fpt_deploy.errors import ArtifactError
+
+# A child that takes the repository lock, says so on stdout, then waits for stdin (or to be killed).
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from fpt_deploy.artifacts import repository_lock
+    with repository_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def _hold_lock(root) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_waits_for_the_lock_and_says_what_to_do(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(ArtifactError, match="locked by another writer.*run this one again"):
+            with repository_lock(tmp_path, timeout=0.2):
+                pass
+    finally:
+        holder.communicate("done\n")
+    with repository_lock(tmp_path, timeout=5):  # released by a clean exit
+        assert (tmp_path / LOCK).exists()
+
+
+def test_a_killed_writer_releases_the_lock(tmp_path):
+    holder = _hold_lock(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with repository_lock(tmp_path, timeout=5):
+        pass
+
+
+def _train(root, task: str):
+    from tests.conftest import train_tiny
+
+    return train_tiny(root / task, task, steps=2)
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tiny_checkpoints, tmp_path_factory) -> dict:
+    """Three tasks on tiny-bert: mnist and bit-xor (shared fixtures) and bit-memory."""
+    root = tmp_path_factory.mktemp("ckpt3")
+    return {**tiny_checkpoints, "bit-memory": _train(root, "bit-memory")}
+
+
+def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedProcess]:
+    """Start one ``fpt-deploy export`` process per checkpoint into ``repo``, all at once; wait for all."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fpt_deploy.cli", "export", "--checkpoint", str(path), "--repo", str(repo)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in checkpoints.values()
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(), None, p.stderr.read()) for p in procs]
+
+
+def test_concurrent_exports_of_different_tasks_all_land_and_serve(three_checkpoints, tmp_path):
+    from fpt_deploy.serving import ServeConfig, ServingModel
+
+    repo = tmp_path / "deploy"
+    for done in export_concurrently(three_checkpoints, repo):
+        assert done.returncode == 0, done.stderr[-3000:]
+    listed = open_repository(repo)
+    assert set(listed.tasks) == set(three_checkpoints)
+    assert len(listed.backbones) == 1  # the one body, exported once and reused by the other writers
+    model = ServingModel(ServeConfig(repo=repo))
+    try:
+        assert set(model.tasks) == set(three_checkpoints)
+    finally:
+        model.close()
