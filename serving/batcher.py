@@ -33,9 +33,11 @@ class DynamicBatcher:
         max_queue_delay_ms: float = 2.0,
         max_queue_size: int = 1024,
         metrics=None,
+        max_queue_rows: int | None = None,
     ) -> None:
         self.execute = execute
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
+        self.max_queue_rows = max_queue_rows  # None: bounded by max_queue_size only
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.metrics = metrics
         self._queue: deque[InferenceRequest] = deque()
@@ -57,6 +59,10 @@ class DynamicBatcher:
                 raise ServerClosingError("the server is shutting down; retry on another replica")
             if len(self._queue) >= self.max_queue_size:
                 raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+            if self.max_queue_rows is not None and self._queued_rows + request.rows > self.max_queue_rows:
+                raise QueueFullError(
+                    f"the queue is full ({self._queued_rows} rows waiting, limit {self.max_queue_rows}); retry later"
+                )
             self._queue.append(request)
             self._queued_rows += request.rows
             if self.metrics is not None:
