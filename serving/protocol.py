@@ -426,13 +426,19 @@ def encode_response(
     """(body, header length or None): JSON outputs inline, binary ones appended after the JSON header."""
     tensors, chunks = [], []
     for name, array, binary in outputs:
-        entry = {"name": name, "datatype": triton_dtype(array.dtype), "shape": list(array.shape)}
+        strings = array.dtype == object  # BYTES (classification's "score:index:label"): bytes elements
+        datatype = "BYTES" if strings else triton_dtype(array.dtype)
+        entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            data = np.ascontiguousarray(array).tobytes()
+            if strings:  # each element: its length as 4 little-endian bytes, then the bytes (Triton's layout)
+                data = b"".join(len(b).to_bytes(4, "little") + b for b in array.reshape(-1).tolist())
+            else:
+                data = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            flat = array.reshape(-1).tolist()
+            entry["data"] = [b.decode() for b in flat] if strings else flat
         tensors.append(entry)
     doc = {"model_name": model, "model_version": version, "outputs": tensors}
     if request_id is not None:

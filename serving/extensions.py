@@ -1,0 +1,387 @@
+"""Triton's protocol extensions beside ``infer``: model repository, statistics, model configuration,
+classification, and the page at ``/``.
+
+    POST /v2/repository/index                       every task of the repository, with its state
+    POST /v2/repository/models/{task}/load          open a task exported while the server runs
+    POST /v2/repository/models/{task}/unload        drain its requests, then close it
+    GET  /v2/models/stats, /v2/models/{task}/stats  Triton's statistics JSON (counts, durations)
+    GET  /v2/models/{task}/config                   Triton's model configuration JSON
+    GET  /                                          the page (``serving/static``)
+
+``--model-control-mode`` follows Triton: ``none`` serves the tasks found at start-up and refuses load
+and unload; ``explicit`` takes them through the API; ``poll`` follows the manifest (a task listed
+there is loaded, changed tasks reloaded, dropped ones unloaded) and refuses the API calls, as Triton
+refuses them when it polls. ``RepositoryControl`` does the work for HTTP, gRPC and the poller alike,
+one operation at a time; the model's ``add_task``/``remove_task`` keep every other task serving.
+Spec: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_repository.md
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fpt_deploy.serving.errors import InvalidInputError
+from fpt_deploy.serving.metrics import MODEL_VERSION
+
+from fpt_deploy.artifacts import open_repository
+from fpt_deploy.errors import FingerprintMismatchError, FptDeployError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MODES = ("none", "explicit", "poll")
+CLASSIFICATION = "classification"  # the output parameter Triton's classification extension reads
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
+
+
+class ModelControlError(FptDeployError, RuntimeError):
+    """A load or unload the server's ``--model-control-mode`` does not allow: 400."""
+
+    status = 400
+
+
+def status_of(error: Exception) -> int:
+    """The HTTP status of an error raised while serving (404 for an unknown model, else its own or 500)."""
+    if isinstance(error, UnknownNameError):
+        return 404
+    return getattr(error, "status", 400 if isinstance(error, FptDeployError) else 500)
+
+
+class RepositoryControl:
+    """Loads and unloads the repository's tasks while the server runs (Triton's model control)."""
+
+    def __init__(self, state, repo: Path, mode: str = "none", poll_interval: float = 5.0) -> None:
+        if mode not in MODES:
+            raise ModelControlError(f"model control mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.state, self.repo, self.mode, self.poll_interval = state, Path(repo), mode, poll_interval
+        self._lock = threading.Lock()  # one load or unload at a time (API calls and the poller)
+        self._stop = threading.Event()
+        self._checksums = self._listed_checksums()  # name -> file checksums of what is loaded
+        self._checksums = {n: c for n, c in self._checksums.items() if n in self.state.model.tasks}
+        self._poller = None
+        if mode == "poll":
+            self._poller = threading.Thread(target=self._poll, name="fpt-repository-poll", daemon=True)
+            self._poller.start()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.state.model.backbone.fingerprint
+
+    def _listed_checksums(self) -> dict[str, dict]:
+        repo = open_repository(self.repo)
+        return {name: dict(t.sha256) for name, t in repo.tasks.items() if t.fingerprint == self.fingerprint}
+
+    # -- Triton's repository API ----------------------------------------------------------------------
+
+    def index(self, ready: bool = False) -> list[dict]:
+        """Triton's repository index: each task of the manifest with ``state`` READY or UNAVAILABLE."""
+        loaded = set(self.state.model.tasks)
+        entries = []
+        try:
+            listed = open_repository(self.repo).tasks
+        except FptDeployError as e:  # a manifest being rewritten, say: report what is served
+            log.warning("repository index: %s", e)
+            listed = {}
+        for name in sorted(set(listed) | loaded):
+            if name in loaded:
+                entries.append({"name": name, "version": MODEL_VERSION, "state": "READY", "reason": ""})
+            elif not ready:
+                art = listed[name]
+                reason = (
+                    "unloaded"
+                    if art.fingerprint == self.fingerprint
+                    else f"trained on backbone {art.fingerprint[:16]}, not the served {self.fingerprint[:16]}"
+                )
+                entries.append({"name": name, "version": MODEL_VERSION, "state": "UNAVAILABLE", "reason": reason})
+        return entries
+
+    def _check_mode(self, what: str) -> None:
+        if self.mode == "none":
+            raise ModelControlError(
+                f"explicit model {what} is not allowed: the server runs with --model-control-mode none; "
+                "restart it with --model-control-mode explicit"
+            )
+        if self.mode == "poll":
+            raise ModelControlError(
+                f"explicit model {what} is not allowed while the server polls the repository "
+                "(--model-control-mode poll): export or remove the task instead"
+            )
+
+    def load(self, name: str) -> None:
+        """Open task ``name`` of the repository (again, when its files changed since it was loaded)."""
+        self._check_mode("load")
+        self._load(name)
+
+    def unload(self, name: str) -> None:
+        """Stop taking requests for ``name``, finish its queued and in-flight ones, then close it."""
+        self._check_mode("unload")
+        self._unload(name)
+
+    def _load(self, name: str) -> None:
+        with self._lock:
+            repo = open_repository(self.repo)
+            art = repo.task(name)  # UnknownNameError naming the tasks it has
+            if art.fingerprint != self.fingerprint:
+                raise FingerprintMismatchError(
+                    f"task {name!r} was trained on backbone {art.fingerprint[:16]}, but this server runs "
+                    f"{self.fingerprint[:16]}; serve it from a server of that backbone, or train it on this one"
+                )
+            if name in self.state.model.tasks:
+                if self._checksums.get(name) == art.sha256:
+                    log.info("task %s is loaded and unchanged", name)
+                    return
+                log.info("task %s changed in the repository; reloading it", name)
+                self.state.model.remove_task(name)
+                self.state.metrics.forget(name)
+            self.state.model.add_task(name)
+            self._checksums[name] = dict(art.sha256)
+            log.info("loaded task %s", name)
+
+    def _unload(self, name: str) -> None:
+        with self._lock:
+            self.state.model.task(name)  # UnknownNameError naming the served tasks
+            self.state.model.remove_task(name)
+            self._checksums.pop(name, None)
+            self.state.metrics.forget(name)
+            log.info("unloaded task %s", name)
+
+    # -- poll mode ------------------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        """Make the served tasks what the manifest lists on this backbone (one pass of the poller)."""
+        try:
+            listed = self._listed_checksums()
+        except FptDeployError as e:
+            log.warning("repository poll: %s; trying again in %.0fs", e, self.poll_interval)
+            return
+        for name in sorted(set(self.state.model.tasks) - set(listed)):
+            self._try(self._unload, name)
+        for name, checksums in sorted(listed.items()):
+            if self._checksums.get(name) != checksums:
+                self._try(self._load, name)
+
+    def _try(self, action, name: str) -> None:
+        try:
+            action(name)
+        except FptDeployError as e:
+            log.error("repository poll: %s of %s failed: %s", action.__name__.strip("_"), name, e)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            if not getattr(self.state, "ready", True):
+                return
+            self.poll_once()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# -- model configuration and classification --------------------------------------------------------
+
+
+def model_config(state, task) -> dict:
+    """Triton's model configuration of ``task`` (``GET .../config``; gRPC parses the same dict)."""
+    from fpt_deploy.serving.protocol import triton_dtype
+    from fpt_deploy.serving.server import model_outputs
+
+    def dims(shape: list[int]) -> list[int]:
+        return list(shape[1:]) or [1]  # no batch dimension, as Triton's config has it
+
+    outputs = []
+    for out in model_outputs(task):
+        entry = {"name": out["name"], "data_type": f"TYPE_{out['datatype']}", "dims": dims(out["shape"])}
+        if len(out["shape"]) == 1:
+            entry["reshape"] = {"shape": []}
+        outputs.append(entry)
+    backbone = state.model.backbone
+    delay = getattr(state.batcher, "max_queue_delay", 0.0)
+    return {
+        "name": task.name,
+        "platform": "fpt-deploy",
+        "backend": "fpt-deploy",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": state.batcher.max_batch_size,
+        "input": [
+            {
+                "name": task.input_name,
+                "data_type": f"TYPE_{triton_dtype(task.input_dtype)}",
+                "format": "FORMAT_NONE",
+                "dims": list(task.example_shape),
+            }
+        ],
+        "output": outputs,
+        "dynamic_batching": {"max_queue_delay_microseconds": int(delay * 1e6)},
+        "instance_group": [{"name": f"{task.name}_0", "kind": "KIND_CPU", "count": 1}],
+        "parameters": {
+            key: {"string_value": str(value)}
+            for key, value in (
+                ("labels", ",".join(task.labels)),
+                ("backbone", backbone.name),
+                ("backbone_fingerprint", backbone.fingerprint),
+                ("runtime", state.model.runtime.name),
+            )
+        },
+    }
+
+
+def classify(scores: np.ndarray, class_count: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification output: the top ``class_count`` of the last axis as b"score:index:label".
+
+    ``scores`` (n, ..., C) -> (n, ..., class_count) of bytes, highest first; the label is left out
+    when the model has none for that index, as Triton does.
+    """
+    k = min(class_count, scores.shape[-1])
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    values = np.take_along_axis(scores, top, axis=-1)
+    out = np.empty(top.shape, dtype=object)
+    for pos in np.ndindex(top.shape):
+        i = int(top[pos])
+        text = f"{float(values[pos]):f}:{i}"
+        out[pos] = (f"{text}:{labels[i]}" if i < len(labels) else text).encode()
+    return out
+
+
+def apply_classification(task, outputs: list[tuple], output_parameters: dict[str, dict]) -> list[tuple]:
+    """``outputs`` [(name, array, binary)] with those asked for with ``classification`` as class strings."""
+    result = []
+    for name, array, binary in outputs:
+        count = (output_parameters.get(name) or {}).get(CLASSIFICATION)
+        if count is not None:
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise InvalidInputError(f"output {name!r}: classification must be a positive integer, got {count!r}")
+            if array.dtype.kind != "f":
+                raise InvalidInputError(
+                    f"output {name!r} holds class indices; ask for classification on "
+                    f"{task.output_name!r} or 'probabilities'"
+                )
+            array = classify(array, count, task.labels)
+        result.append((name, array, binary))
+    return result
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def control_of(state) -> RepositoryControl:
+    """The state's repository control (``ServerState.load`` makes it); mode none where there is none yet."""
+    if getattr(state, "control", None) is None:
+        state.control = RepositoryControl(state, state.model.repository.root)
+    return state.control
+
+
+def router(state) -> APIRouter:
+    """The extension routes; the server includes them before its own ``/v2/models/{name}`` routes."""
+    api = APIRouter()
+    control = control_of(state)
+    state.metrics.name_backbone(f"backbone-{state.model.backbone.fingerprint[:16]}")
+
+    async def in_thread(fn, *args):
+        """Run a blocking call (opening sessions, draining a task) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def json_body(request: Request) -> dict:
+        body = await request.body()
+        if not body.strip():
+            return {}
+        import json
+
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise InvalidInputError(f"the request body is not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise InvalidInputError("the request body must be a JSON object")
+        return doc
+
+    async def guarded(fn):
+        try:
+            return await fn()
+        except Exception as e:  # noqa: BLE001  (every failure answers {"error": ...})
+            status = status_of(e)
+            if status >= 500:
+                log.exception("repository operation failed")
+            return _error(status, str(e))
+
+    @api.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        async def run():
+            ready = (await json_body(request)).get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInputError(f"'ready' must be true or false, got {ready!r}")
+            return JSONResponse(await in_thread(control.index, ready))
+
+        return await guarded(run)
+
+    @api.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str, request: Request):
+        async def run():
+            await json_body(request)  # parameters (a config override) are not supported; the body must parse
+            await in_thread(control.load, name)
+            return Response(status_code=200)
+
+        return await guarded(run)
+
+    @api.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str, request: Request):
+        async def run():
+            await json_body(request)
+            await in_thread(control.unload, name)
+            return Response(status_code=200)
+
+        return await guarded(run)
+
+    def stats_of(name: str | None, version: str | None) -> JSONResponse:
+        tasks = list(state.model.tasks)
+        if version not in (None, "", MODEL_VERSION):
+            return _error(404, f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
+        entries = state.metrics.statistics(tasks)
+        if name is not None:
+            entries = [e for e in entries if e["name"] == name]
+            if not entries:
+                return _error(404, f"model {name!r} is not served here; models: {', '.join(tasks)}")
+        return JSONResponse({"model_stats": entries})
+
+    @api.get("/v2/models/stats")
+    async def all_stats():
+        return stats_of(None, None)
+
+    @api.get("/v2/models/{name}/stats")
+    @api.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str, version: str | None = None):
+        return stats_of(name, version)
+
+    @api.get("/v2/models/{name}/config")
+    @api.get("/v2/models/{name}/versions/{version}/config")
+    async def config(name: str, version: str = MODEL_VERSION):
+        try:
+            task = state.model.task(name)
+        except UnknownNameError as e:
+            return _error(404, str(e))
+        if version != MODEL_VERSION:
+            return _error(404, f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
+        return JSONResponse(model_config(state, task))
+
+    @api.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/static/{file}", include_in_schema=False)
+    async def static(file: str):
+        if file not in _STATIC_FILES:  # the page's own files only: no path ever reaches the file system
+            return _error(404, f"no static file {file!r}")
+        return FileResponse(STATIC / file, media_type=_STATIC_FILES[file])
+
+    return api
+
+
+_STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
