@@ -50,6 +50,8 @@ def status_of(error: Exception) -> int:
     """The HTTP status of an error raised while serving (404 for an unknown model, else its own or 500)."""
     if isinstance(error, UnknownNameError):
         return 404
+    if isinstance(error, TimeoutError):  # an unload whose requests did not finish in time: retry later
+        return 503
     return getattr(error, "status", 400 if isinstance(error, FptDeployError) else 500)
 
 
@@ -225,6 +227,7 @@ def model_config(state, task) -> dict:
                 ("backbone", backbone.name),
                 ("backbone_fingerprint", backbone.fingerprint),
                 ("runtime", state.model.runtime.name),
+                ("vocab_size", task.vocab_size),  # > 0: the input holds token ids (the page's text box)
             )
         },
     }
@@ -273,9 +276,13 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def control_of(state) -> RepositoryControl:
-    """The state's repository control (``ServerState.load`` makes it); mode none where there is none yet."""
+    """The state's repository control, made on first use from its ``ServeConfig`` (mode none without one)."""
     if getattr(state, "control", None) is None:
-        state.control = RepositoryControl(state, state.model.repository.root)
+        config = getattr(state, "config", None)
+        if config is None:
+            state.control = RepositoryControl(state, state.model.repository.root)
+        else:
+            state.control = RepositoryControl(state, config.repo, config.model_control_mode, config.poll_interval)
     return state.control
 
 
