@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import http.client
 import json
 import logging
@@ -141,8 +142,8 @@ def task_inputs(repo: Path, tasks: list[str], rng) -> dict[str, np.ndarray]:
     for name in tasks:
         t = r.tasks[name]
         shape, dtype = [1, *t.input["shape"][1:]], np.dtype(t.input["dtype"])
-        vocab = int(t.spec.get("vocab_size") or 0)
-        high = vocab if vocab else (2 if "bit" in t.spec["name"] else 256)
+        vocab = t.spec.vocab_size
+        high = vocab if vocab else (2 if "bit" in t.spec.name else 256)
         out[name] = rng.integers(1 if vocab else 0, high, size=shape).astype(dtype)
     return out
 
@@ -234,7 +235,7 @@ def raw_backbone(
     repo: Path, variant: str, threads: int | None, length: int, batches: list[int], max_seconds: float
 ) -> dict[int, float]:
     """Rows/s of the backbone alone (ONNX Runtime, the server's session options), per batch size."""
-    from fpt_deploy.serving.runtime import OrtRuntime
+    from fpt_deploy.serving.runtimes.ort import OrtRuntime
 
     from fpt_deploy.artifacts import open_repository
 
@@ -262,7 +263,7 @@ def raw_backbone(
 _BACKBONE_RSS = """
 import sys, numpy as np, psutil
 from fpt_deploy.artifacts import open_repository
-from fpt_deploy.serving.runtime import OrtRuntime
+from fpt_deploy.serving.runtimes.ort import OrtRuntime
 repo, variant, length, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = open_repository(repo)
 b = next(iter(r.backbones.values()))
@@ -291,7 +292,7 @@ def backbone_rss_mb(repo: Path, variant: str, length: int, batch: int) -> float:
 
 def clone_tasks(repo: Path, source: str, count: int, dest: Path) -> list[str]:
     """A copy of ``repo`` holding ``source`` plus ``count - 1`` clones of it under new names."""
-    from fpt_deploy.artifacts import TaskArtifact, open_repository, task_dir, write_json
+    from fpt_deploy.artifacts import open_repository, task_dir, write_json
 
     shutil.copytree(repo, dest)
     r = open_repository(dest)
@@ -304,7 +305,7 @@ def clone_tasks(repo: Path, source: str, count: int, dest: Path) -> list[str]:
         folder = dest / task_dir(name)
         shutil.copytree(dest / task_dir(source), folder)
         files = {key: f"{task_dir(name)}/{Path(rel).name}" for key, rel in base.files.items()}
-        clone = TaskArtifact(**{**base.__dict__, "name": name, "files": files, "spec": {**base.spec, "name": name}})
+        clone = dataclasses.replace(base, name=name, files=files, spec=dataclasses.replace(base.spec, name=name))
         write_json(folder / "task.json", clone.to_json())
         r.tasks[name] = clone
         names.append(name)
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         with fpt_server(repo, serve_args) as server:
             load(server.port, bodies, 4, max_requests=64, max_seconds=10)  # warm-up
             levels = [load(server.port, bodies, c, args.requests, args.seconds) for c in args.concurrency]
-        lengths = {int(r.tasks[t].spec["seq_len"]) for t in tasks}
+        lengths = {r.tasks[t].spec.seq_len for t in tasks}
         length = max(lengths)
         batches = sorted({min(c, args.max_batch_size) for c in args.concurrency})
         raw = raw_backbone(repo, args.backbone_variant, args.threads, length, batches, max_seconds=5)

@@ -276,7 +276,7 @@ def _task_artifact(
     return TaskArtifact(
         name=task.name,
         fingerprint=ckpt["fingerprint"],
-        spec=spec.to_json(),
+        spec=spec,
         input={"name": INPUT_HEAD_INPUT, "shape": [-1, *spec.input_shape], "dtype": spec.input_dtype},
         output={"name": OUTPUT_HEAD_OUTPUT, "shape": [-1, *spec.logits_shape], "dtype": "float32"},
         labels=list(spec.labels),
@@ -323,7 +323,7 @@ def _ort_tasks_with_data(repo: Repository, fp: str, data: dict, full: bool = Fal
             continue
         if name not in data:
             try:
-                data[name] = get_task(name, **t.spec.get("options", {})).load_data("test")
+                data[name] = get_task(name, **t.spec.options).load_data("test")
             except DataUnavailableError as e:
                 log.warning("task %s is left out of the checks on this backbone: %s", name, e)
                 continue

@@ -1,7 +1,7 @@
 """The deployment repository: its layout, its JSON formats, and validated reading. Torch-free.
 
 ``export/`` writes repositories with the helpers here; ``serving/`` reads them with ``open_repository``.
-Layout (DESIGN.md, "Artifacts")::
+Layout (docs/architecture.md, "Deployment repository")::
 
     manifest.json                       backbones by fingerprint, tasks by name
     backbones/<fp16>/backbone.onnx      the frozen body, once per fingerprint
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from fpt_deploy.atomic import write_text
-from fpt_deploy.errors import ArtifactError, FingerprintMismatchError
+from fpt_deploy.errors import ArtifactError, ConfigError, FingerprintMismatchError, UnknownNameError
+from fpt_deploy.taskspec import TaskSpec
 
 REPOSITORY_FORMAT = "fpt-deploy-repository/1"
 TASK_FORMAT = "fpt-deploy-task/1"
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # taken by every writer of the manifest (``repository_lock``)
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another one to finish
 
-# Graph I/O names: the contract between export and serving (DESIGN.md, "Backbone ONNX contract").
+# Graph I/O names: the contract between export and serving (docs/architecture.md, "Backbone contract").
 BACKBONE_INPUTS = ("hidden", "attention_mask", "norm_weight", "norm_bias")
 BACKBONE_OUTPUT = "last_hidden"
 INPUT_HEAD_INPUT = "input"
@@ -90,8 +91,10 @@ def verify_file(root: Path, rel: str, sha256: str) -> Path:
     return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BackboneArtifact:
+    """One exported body: its files by variant, and the shapes its norm inputs take."""
+
     fingerprint: str
     name: str  # registry name it was exported from
     hidden_size: int
@@ -111,11 +114,13 @@ class BackboneArtifact:
         return verify_file(root, self.files[variant], self.sha256[variant])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskArtifact:
+    """One exported task: its spec, what a client sends and gets back, its files (``task.json``)."""
+
     name: str
     fingerprint: str
-    spec: dict  # TaskSpec.to_json()
+    spec: TaskSpec
     input: dict  # {"name", "shape" (with -1 batch), "dtype"}: what a client sends
     output: dict  # {"name", "shape", "dtype"}: what it gets back
     labels: list[str]
@@ -124,16 +129,20 @@ class TaskArtifact:
     metrics: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"format": TASK_FORMAT, **self.__dict__}
+        return {"format": TASK_FORMAT, **self.__dict__, "spec": self.spec.to_json()}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> TaskArtifact:
         if data.get("format") != TASK_FORMAT:
             raise ArtifactError(f"{where} is not an fpt-deploy task file (format {data.get('format')!r})")
+        values = {k: v for k, v in data.items() if k != "format"}
         try:
-            return cls(**{k: v for k, v in data.items() if k != "format"})
-        except TypeError as e:
-            raise ArtifactError(f"{where} does not have the fields of a task file ({e})") from e
+            values["spec"] = TaskSpec.from_json(values["spec"])
+            return cls(**values)
+        except (KeyError, TypeError, AttributeError, ConfigError) as e:
+            raise ArtifactError(
+                f"{where} does not have the fields of a task file ({e}); re-run `fpt-deploy export`"
+            ) from e
 
     def load_norms(self, root: Path) -> tuple[np.ndarray, np.ndarray]:
         path = verify_file(root, self.files["norms"], self.sha256["norms"])
@@ -144,17 +153,15 @@ class TaskArtifact:
             raise ArtifactError(f"{path} is not a valid norms file ({e}); re-run `fpt-deploy export`") from e
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Repository:
     """A verified view of a deployment repository (what ``serving/`` loads)."""
 
     root: Path
-    backbones: dict[str, BackboneArtifact]  # by fingerprint
-    tasks: dict[str, TaskArtifact]  # by name
+    backbones: dict[str, BackboneArtifact] = field(default_factory=dict)  # by fingerprint
+    tasks: dict[str, TaskArtifact] = field(default_factory=dict)  # by name
 
     def task(self, name: str) -> TaskArtifact:
-        from fpt_deploy.errors import UnknownNameError
-
         if name not in self.tasks:
             raise UnknownNameError(f"task {name!r} is not in {self.root}; it has {', '.join(sorted(self.tasks))}")
         return self.tasks[name]
@@ -164,6 +171,36 @@ class Repository:
         if fp not in self.backbones:
             raise FingerprintMismatchError(f"task {task!r} needs backbone {fp[:16]}, which {self.root} lacks")
         return self.backbones[fp]
+
+    def find_backbone(self, fingerprint: str | None = None, tasks: list[str] | None = None) -> BackboneArtifact:
+        """The one backbone to run: the only one whose fingerprint starts with ``fingerprint``.
+
+        Without a ``fingerprint``, the one backbone that ``tasks`` (default: every task) were trained
+        on; a repository that holds no task yet offers its only backbone. Every caller that chooses a
+        backbone by fingerprint prefix (``serve``/``predict``'s ``--fingerprint``, ``build-engine``)
+        calls this, so the rule and its errors are written once.
+        """
+        if not self.backbones:
+            raise ArtifactError(f"{self.root} holds no backbone; run `fpt-deploy export` first")
+        known = ", ".join(fp[:16] for fp in sorted(self.backbones))
+        if fingerprint:
+            matches = [b for fp, b in self.backbones.items() if fp.startswith(fingerprint)]
+            if len(matches) != 1:
+                raise ConfigError(
+                    f"fingerprint {fingerprint!r} matches {len(matches)} of the backbones of {self.root} "
+                    f"({known}); pass a prefix of exactly one"
+                )
+            return matches[0]
+        names = sorted(self.tasks) if tasks is None else tasks
+        used = sorted({self.task(t).fingerprint for t in names}) if names else sorted(self.backbones)
+        if len(used) != 1:
+            raise ConfigError(
+                f"{self.root} holds {len(used)} backbones ({', '.join(fp[:16] for fp in used)}); "
+                "one runtime session runs one: pass --fingerprint with a prefix of one"
+            )
+        if used[0] not in self.backbones:
+            raise FingerprintMismatchError(f"the tasks need backbone {used[0][:16]}, which {self.root} lacks")
+        return self.backbones[used[0]]
 
     def to_manifest(self) -> dict:
         return {
@@ -190,7 +227,7 @@ def open_repository(root: str | Path, *, create: bool = False) -> Repository:
     root = Path(root)
     if not (root / MANIFEST).is_file():
         if create:
-            return Repository(root, {}, {})
+            return Repository(root=root)
         raise ArtifactError(f"{root} is not a deployment repository (no {MANIFEST}); run `fpt-deploy export` first")
     manifest = read_json(root / MANIFEST, "manifest")
     if manifest.get("format") != REPOSITORY_FORMAT:
@@ -203,7 +240,7 @@ def open_repository(root: str | Path, *, create: bool = False) -> Repository:
             tasks[name] = TaskArtifact.from_json(read_json(where, "task file"), where)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{root / MANIFEST} is malformed ({e}); re-run `fpt-deploy export`") from e
-    return Repository(root, backbones, tasks)
+    return Repository(root=root, backbones=backbones, tasks=tasks)
 
 
 @contextmanager

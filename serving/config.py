@@ -17,7 +17,7 @@ class RuntimeConfig:
     repo: Path  # deployment repository written by `fpt-deploy export`
     runtime: str = "ort"  # ort (CPU) | ort-cuda | tensorrt
     backbone_variant: str = "fp32"  # which backbone file of the repository: fp32, int8, ...
-    backbone: str | None = None  # fingerprint (prefix) to serve when the repository holds several
+    fingerprint: str | None = None  # prefix of the backbone fingerprint to run when the repository holds several
     engine: Path | None = None  # TensorRT engine file; default: the one `fpt-deploy build-engine` wrote
     threads: int | None = None  # ONNX Runtime intra-op threads for the backbone; default: physical cores
     max_batch_size: int = 32  # rows per batch (and per backbone call)

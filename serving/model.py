@@ -27,7 +27,7 @@ from fpt_deploy.artifacts import (
     open_repository,
     verify_file,
 )
-from fpt_deploy.errors import ArtifactError, ConfigError, FingerprintMismatchError
+from fpt_deploy.errors import ArtifactError, FingerprintMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +95,6 @@ class LoadedTask:
         return array
 
 
-def _choose_backbone(repo: Repository, config: RuntimeConfig, wanted: list[str]) -> BackboneArtifact:
-    if config.backbone:
-        matches = [b for fp, b in repo.backbones.items() if fp.startswith(config.backbone)]
-        if len(matches) != 1:
-            raise ConfigError(
-                f"--backbone {config.backbone!r} matches {len(matches)} of the backbones in "
-                f"{repo.root} ({', '.join(fp[:16] for fp in repo.backbones)})"
-            )
-        return matches[0]
-    fingerprints = {repo.task(t).fingerprint for t in wanted}
-    if len(fingerprints) != 1:
-        raise ConfigError(
-            f"the tasks of {repo.root} use {len(fingerprints)} backbones; one server serves one: "
-            f"pass --backbone with one of {', '.join(fp[:16] for fp in sorted(fingerprints))}"
-        )
-    return repo.backbone_for(wanted[0])
-
-
 def _load_task(repo: Repository, art: TaskArtifact, index: int, backbone: BackboneArtifact) -> tuple:
     root = repo.root
     if art.fingerprint != backbone.fingerprint:
@@ -124,9 +106,6 @@ def _load_task(repo: Repository, art: TaskArtifact, index: int, backbone: Backbo
     expected = (backbone.num_norms, backbone.hidden_size)
     if weight.shape != expected or bias.shape != expected:
         raise ArtifactError(f"norms of task {art.name!r} have shape {weight.shape}, the backbone needs {expected}")
-    spec = art.spec
-    classes = int(spec["num_classes"])
-    outputs = int(spec["read_tokens"]) * int(spec["outputs_per_token"])
     try:
         input_dtype = np.dtype(art.input["dtype"])
     except TypeError as e:
@@ -138,8 +117,8 @@ def _load_task(repo: Repository, art: TaskArtifact, index: int, backbone: Backbo
         input_dtype=input_dtype,
         example_shape=tuple(int(s) for s in art.input["shape"][1:]),
         output_name=art.output.get("name", OUTPUT_HEAD_OUTPUT),
-        logits_shape=(classes,) if outputs == 1 else (outputs, classes),
-        vocab_size=int(spec.get("vocab_size", 0) or 0),
+        logits_shape=art.spec.logits_shape,
+        vocab_size=art.spec.vocab_size,
         labels=list(art.labels),
         input_session=create_head_session(verify_file(root, art.files["input"], art.sha256["input"])),
         output_session=create_head_session(verify_file(root, art.files["output"], art.sha256["output"])),
@@ -157,8 +136,8 @@ class ServingModel:
             raise ArtifactError(f"{repo.root} holds no tasks; export one with `fpt-deploy export`")
         for name in wanted:
             repo.task(name)  # UnknownNameError naming the tasks it has
-        self.backbone = _choose_backbone(repo, config, wanted)
-        if config.backbone and not tasks:  # serve the tasks of the chosen backbone, leave the others
+        self.backbone = repo.find_backbone(config.fingerprint, wanted)
+        if config.fingerprint and not tasks:  # serve the tasks of the chosen backbone, leave the others
             wanted = [t for t in wanted if repo.tasks[t].fingerprint == self.backbone.fingerprint]
             if not wanted:
                 raise ArtifactError(f"{repo.root} holds no task on backbone {self.backbone.fingerprint[:16]}")

@@ -1,57 +1,26 @@
 """What a task is: the shape of its raw input, its preprocessing, its data, and how it is read out.
 
 Preprocessing is a torch module inside the model's input head, so training and the exported input
-ONNX run the same code and a client sends the raw input (DESIGN.md, "Tasks").
+ONNX run the same code and a client sends the raw input (docs/architecture.md). ``TaskSpec`` and
+``TaskOption`` live in the torch-free ``fpt_deploy.taskspec``; they are re-exported here.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fpt_deploy.errors import ConfigError
+from fpt_deploy.tasks.recipe import Recipe
+from fpt_deploy.taskspec import TaskOption, TaskSpec, parse_task_options
+
+__all__ = ["Task", "TaskData", "TaskOption", "TaskSpec", "parse_options"]
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything that shapes a task's heads; saved in checkpoints and task JSONs."""
-
-    name: str
-    input_shape: tuple[int, ...]  # one raw example, as a client sends it (no batch dim)
-    input_dtype: str  # numpy dtype name of the raw input
-    seq_len: int  # tokens after preprocessing
-    token_dim: int  # values per token fed to the input Linear; 0 for token-id tasks
-    vocab_size: int  # > 0 for token-id tasks (an Embedding input layer), else 0
-    num_classes: int  # classes per output
-    read_tokens: int  # how many last (real) tokens the output head reads
-    outputs_per_token: int  # outputs each read token predicts (bit tasks: patch bits)
-    labels: tuple[str, ...]  # class names
-    options: dict = field(default_factory=dict)  # the task's option values (n, patch, max_len, ...)
-
-    @property
-    def num_outputs(self) -> int:
-        """Predictions per example: 1 for classification, n bits for the bit tasks."""
-        return self.read_tokens * self.outputs_per_token
-
-    @property
-    def logits_shape(self) -> tuple[int, ...]:
-        """Logits of one example: (C,) for classification, (num_outputs, C) otherwise."""
-        return (self.num_classes,) if self.num_outputs == 1 else (self.num_outputs, self.num_classes)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["input_shape"], d["labels"] = list(self.input_shape), list(self.labels)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> TaskSpec:
-        return cls(**{**d, "input_shape": tuple(d["input_shape"]), "labels": tuple(d["labels"])})
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TaskData:
     inputs: np.ndarray  # (N, *input_shape), raw, input_dtype
     labels: np.ndarray  # (N,) or (N, num_outputs), int64
@@ -63,15 +32,17 @@ class Task(ABC):
 
     name: str = ""
     description: str = ""
-    default_options: dict = {}
+    declared_options: dict[str, TaskOption] = {}  # name -> type, default, help
+    recipe: Recipe | None = None  # recommended lr/epochs/steps/schedule, used where the user gives none
 
     def __init__(self, **options) -> None:
-        unknown = sorted(set(options) - set(self.default_options))
-        if unknown:
-            known = ", ".join(f"{k}={v}" for k, v in self.default_options.items()) or "none"
-            raise ConfigError(f"task {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
-        self.options = {k: type(v)(options.get(k, v)) for k, v in self.default_options.items()}
+        """``options`` by name, as strings (``-o n=100``) or typed values (a checkpoint's JSON)."""
+        self.options = parse_task_options(self.name, self.declared_options, options)
         self.spec = self.build_spec()
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        return {k: o.default for k, o in cls.declared_options.items()}
 
     @abstractmethod
     def build_spec(self) -> TaskSpec:
@@ -87,7 +58,7 @@ class Task(ABC):
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """``["n=100", "patch=10"]`` -> ``{"n": "100", "patch": "10"}`` (tasks cast the values)."""
+    """``["n=100", "patch=10"]`` -> ``{"n": "100", "patch": "10"}`` (tasks parse them by declared type)."""
     out, bad = {}, [p for p in pairs if "=" not in p]
     if bad:
         raise ConfigError(f"task options must look like KEY=VALUE, got {', '.join(bad)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fpt_deploy.errors import ConfigError
-from fpt_deploy.tasks.base import Task, TaskData, TaskSpec
+from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import BitPatches
 from fpt_deploy.tasks.registry import register_task
 
@@ -18,11 +18,26 @@ def _split_seed(split: str, seed: int) -> int:
 class BitXor(Task):
     name = "bit-xor"
     description = "element-wise XOR of two n-bit strings, 1 bit a token (generated)"
-    default_options = {"n": 5, "train_size": 10000, "test_size": 1000}
+    declared_options = {
+        "n": TaskOption(type=int, default=5, help="bits per string"),
+        "train_size": TaskOption(type=int, default=10000, help="generated training examples"),
+        "test_size": TaskOption(type=int, default=1000, help="generated held-out examples"),
+    }
 
     def build_spec(self) -> TaskSpec:
         n = self.options["n"]
-        return TaskSpec(self.name, (2 * n,), "uint8", 2 * n, 1, 0, 2, n, 1, ("0", "1"), dict(self.options))
+        return TaskSpec(
+            name=self.name,
+            input_shape=(2 * n,),
+            input_dtype="uint8",
+            seq_len=2 * n,
+            token_dim=1,
+            num_classes=2,
+            read_tokens=n,
+            outputs_per_token=1,
+            labels=("0", "1"),
+            options=self.options,
+        )
 
     def build_preprocess(self):
         return BitPatches(1)
@@ -32,21 +47,37 @@ class BitXor(Task):
         rng = np.random.default_rng(_split_seed(split, seed))
         x = rng.integers(0, 2, size=(size, 2 * n), dtype=np.uint8)
         y = (x[:, :n] ^ x[:, n:]).astype(np.int64)  # (N, n)
-        return TaskData(x, y, "generated")
+        return TaskData(inputs=x, labels=y, source="generated")
 
 
 @register_task
 class BitMemory(Task):
     name = "bit-memory"
     description = "recall one of 5 n-bit strings from a half-masked copy; patch bits a token (generated)"
-    default_options = {"n": 1000, "patch": 50, "strings": 5, "mask_prob": 0.5, "train_size": 20000, "test_size": 1000}
+    declared_options = {
+        "n": TaskOption(type=int, default=1000, help="bits per string"),
+        "patch": TaskOption(type=int, default=50, help="bits per token (divides n)"),
+        "strings": TaskOption(type=int, default=5, help="strings to recall from"),
+        "mask_prob": TaskOption(type=float, default=0.5, help="fraction of the query's bits masked"),
+        "train_size": TaskOption(type=int, default=20000, help="generated training examples"),
+        "test_size": TaskOption(type=int, default=1000, help="generated held-out examples"),
+    }
 
     def build_spec(self) -> TaskSpec:
         n, p, s = self.options["n"], self.options["patch"], self.options["strings"]
         if n % p:
             raise ConfigError(f"bit-memory: n={n} must be a multiple of patch={p}")
         return TaskSpec(
-            self.name, ((s + 1) * n,), "uint8", (s + 1) * n // p, p, 0, 2, n // p, p, ("0", "1"), dict(self.options)
+            name=self.name,
+            input_shape=((s + 1) * n,),
+            input_dtype="uint8",
+            seq_len=(s + 1) * n // p,
+            token_dim=p,
+            num_classes=2,
+            read_tokens=n // p,
+            outputs_per_token=p,
+            labels=("0", "1"),
+            options=self.options,
         )
 
     def build_preprocess(self):
@@ -59,4 +90,4 @@ class BitMemory(Task):
         target = strings[np.arange(size), rng.integers(0, s, size=size)]  # (N, n)
         query = np.where(rng.random((size, n)) < self.options["mask_prob"], np.uint8(2), target)
         x = np.concatenate([strings.reshape(size, s * n), query], axis=1)
-        return TaskData(x, target.astype(np.int64), "generated")
+        return TaskData(inputs=x, labels=target.astype(np.int64), source="generated")

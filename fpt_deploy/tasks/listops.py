@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 
-from fpt_deploy.tasks.base import Task, TaskData, TaskSpec
+from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import TokenIds
 from fpt_deploy.tasks.registry import register_task
 
@@ -47,20 +47,27 @@ def generate_tree(rng: random.Random, depth: int, max_depth: int, max_args: int,
 class ListOps(Task):
     name = "listops"
     description = "ListOps: nested MAX/MIN/MED/SUM_MOD expressions as token ids, 10 classes (generated)"
-    default_options = {
-        "max_len": 512,
-        "min_len": 32,
-        "max_depth": 10,
-        "max_args": 5,
-        "leaf_prob": 0.6,
-        "train_size": 20000,
-        "test_size": 2000,
+    declared_options = {
+        "max_len": TaskOption(type=int, default=512, help="tokens a sequence (longer expressions are redrawn)"),
+        "min_len": TaskOption(type=int, default=32, help="fewest tokens an expression has"),
+        "max_depth": TaskOption(type=int, default=10, help="deepest nesting"),
+        "max_args": TaskOption(type=int, default=5, help="most arguments of an operator"),
+        "leaf_prob": TaskOption(type=float, default=0.6, help="chance an argument is a digit, not a list"),
+        "train_size": TaskOption(type=int, default=20000, help="generated training examples"),
+        "test_size": TaskOption(type=int, default=2000, help="generated held-out examples"),
     }
 
     def build_spec(self) -> TaskSpec:
         L = self.options["max_len"]
         return TaskSpec(
-            self.name, (L,), "int64", L, 0, len(VOCAB), 10, 1, 1, tuple(str(d) for d in range(10)), dict(self.options)
+            name=self.name,
+            input_shape=(L,),
+            input_dtype="int64",
+            seq_len=L,
+            vocab_size=len(VOCAB),
+            num_classes=10,
+            labels=tuple(str(d) for d in range(10)),
+            options=self.options,
         )
 
     def build_preprocess(self):
@@ -79,4 +86,4 @@ class ListOps(Task):
                 x[i, : len(tokens)] = [TOKEN_ID[t] for t in tokens]
                 y[i] = value
                 i += 1
-        return TaskData(x, y, "generated")
+        return TaskData(inputs=x, labels=y, source="generated")

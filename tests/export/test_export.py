@@ -42,8 +42,7 @@ def _torch_logits(checkpoint, raw):
 def _test_inputs(repo, name, rows):
     from fpt_deploy.tasks import get_task
 
-    spec = repo.task(name).spec
-    return get_task(name, **spec["options"]).load_data("test").inputs[:rows]
+    return get_task(name, **repo.task(name).spec.options).load_data("test").inputs[:rows]
 
 
 def test_two_tasks_share_exactly_one_backbone_file(exported):

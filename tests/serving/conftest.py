@@ -157,15 +157,23 @@ SYNTHETIC_TASKS = {  # name: (input kind, seq_len, width or vocab, classes)
 
 def build_synthetic_repo(root: Path, tasks: dict = SYNTHETIC_TASKS, seed: int = 0) -> Path:
     from fpt_deploy.artifacts import BackboneArtifact, Repository, TaskArtifact, backbone_dir, task_dir, write_json
+    from fpt_deploy.taskspec import TaskSpec
 
     rng = np.random.default_rng(seed)
     fingerprint = hashlib.sha256(b"synthetic-backbone").hexdigest()
     bdir = backbone_dir(fingerprint)
     sha = build_backbone(root / bdir / "backbone.onnx")
     backbone = BackboneArtifact(
-        fingerprint, "synthetic", D, N_NORM, ["n0", "n1"], {"fp32": f"{bdir}/backbone.onnx"}, {"fp32": sha}, 17
+        fingerprint=fingerprint,
+        name="synthetic",
+        hidden_size=D,
+        num_norms=N_NORM,
+        norm_names=["n0", "n1"],
+        files={"fp32": f"{bdir}/backbone.onnx"},
+        sha256={"fp32": sha},
+        opset=17,
     )
-    repo = Repository(root, {fingerprint: backbone}, {})
+    repo = Repository(root=root, backbones={fingerprint: backbone})
     for name, (kind, seq, width, classes) in tasks.items():
         tdir = task_dir(name)
         files = {"input": f"{tdir}/input.onnx", "output": f"{tdir}/output.onnx", "norms": f"{tdir}/norms.npz"}
@@ -179,28 +187,25 @@ def build_synthetic_repo(root: Path, tasks: dict = SYNTHETIC_TASKS, seed: int = 
             norm_bias=(0.1 * rng.standard_normal((N_NORM, D))).astype(np.float32),
         )
         sums["norms"] = hashlib.sha256((root / files["norms"]).read_bytes()).hexdigest()
-        spec = {
-            "name": name,
-            "input_shape": [seq, width] if kind == "float" else [seq],
-            "input_dtype": "float32" if kind == "float" else "int64",
-            "seq_len": seq,
-            "token_dim": width if kind == "float" else 0,
-            "vocab_size": 0 if kind == "float" else width,
-            "num_classes": classes,
-            "read_tokens": 1,
-            "outputs_per_token": 1,
-            "labels": [str(c) for c in range(classes)],
-            "options": {},
-        }
+        spec = TaskSpec(
+            name=name,
+            input_shape=(seq, width) if kind == "float" else (seq,),
+            input_dtype="float32" if kind == "float" else "int64",
+            seq_len=seq,
+            token_dim=width if kind == "float" else 0,
+            vocab_size=0 if kind == "float" else width,
+            num_classes=classes,
+            labels=tuple(str(c) for c in range(classes)),
+        )
         art = TaskArtifact(
-            name,
-            fingerprint,
-            spec,
-            {"name": "input", "shape": [-1, *spec["input_shape"]], "dtype": spec["input_dtype"]},
-            {"name": "logits", "shape": [-1, classes], "dtype": "float32"},
-            spec["labels"],
-            files,
-            sums,
+            name=name,
+            fingerprint=fingerprint,
+            spec=spec,
+            input={"name": "input", "shape": [-1, *spec.input_shape], "dtype": spec.input_dtype},
+            output={"name": "logits", "shape": [-1, *spec.logits_shape], "dtype": "float32"},
+            labels=list(spec.labels),
+            files=files,
+            sha256=sums,
         )
         write_json(root / tdir / "task.json", art.to_json())
         repo.tasks[name] = art
