@@ -1,4 +1,4 @@
-"""A Triton Inference Server model repository from a deployment repository (DESIGN.md, "Beyond one machine").
+"""A Triton Inference Server model repository from a deployment repository (docs/architecture.md).
 
 Layout written (``<fp16>`` is the first 16 hex digits of the backbone fingerprint)::
 
@@ -6,8 +6,10 @@ Layout written (``<fp16>`` is the first 16 hex digits of the backbone fingerprin
     fpt_backbone_<fp16>/1/model.onnx   the backbone ONNX as exported (per-row norm inputs)
     <task>_input/1/model.onnx          the task's input head, which ALSO emits its norm rows (B, N_norm, D)
     <task>_output/1/model.onnx         the task's output head
+    <task>_output/labels.txt           class names, one a line: the ``label_filename`` of its logits
     <task>/config.pbtxt                an ensemble: <task>_input -> fpt_backbone_<fp16> -> <task>_output
     <task>/1/                          (empty: Triton wants a version folder for ensembles too)
+    <task>/labels.txt                  the same names, so ``class_count`` asked of the ensemble names them
 
 Because every backbone input is batched along dim 0 and each row carries its own task's norm rows,
 Triton's dynamic batcher on the backbone model merges requests of different tasks into one execution
@@ -16,14 +18,25 @@ Triton's dynamic batcher on the backbone model merges requests of different task
 The input head's norm outputs are made by editing the exported ``input.onnx`` with the ONNX helper API:
 the task's (N_norm, D) norms become initializers, expanded to (B, N_norm, D) with B taken from the
 head's own ``hidden`` output. Torch-free: built from the deployment repository alone.
+
+GPUs (``backend="tensorrt"``, ``export --format triton --backend tensorrt``): every model gets a
+``KIND_GPU`` instance group, and the backbone stays an ``onnxruntime_onnx`` model with ONNX Runtime's
+TensorRT execution accelerator, not a ``tensorrt_plan``. A TensorRT plan runs only under the exact
+TensorRT version and GPU model that built it, and Triton's container carries its own TensorRT, so a plan
+made by ``fpt-deploy build-engine`` (pip's TensorRT, possibly another GPU) would generally not load there.
+With the accelerator, Triton's own TensorRT builds the engine on the serving GPU at model load, for the
+optimisation profile written into the config, caches it on disk for the next load, and leaves any node
+TensorRT cannot take to the CUDA provider. It keeps the per-row norm inputs, so the dynamic batcher still
+merges requests of different tasks into one backbone execution.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -55,24 +68,46 @@ _TRITON_TYPES = {
 }  # fmt: skip
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TritonConfig:
-    """What ``write_triton_repository`` writes; validated at once."""
+    """``export --format triton``: what ``write_triton_repository`` writes; validated at once."""
 
-    repo: Path  # the deployment repository (fpt-deploy export output)
-    out: Path | None = None  # the Triton model repository; default <repo>/triton
-    max_batch_size: int = 64  # rows of one backbone execution (and of each head)
-    max_queue_delay_us: int = 2000  # how long the backbone's batcher waits to fill a batch
-    preferred_batch_size: tuple[int, ...] = ()  # optional batch sizes the batcher aims for
-    instance_kind: str = "KIND_AUTO"  # KIND_AUTO | KIND_GPU | KIND_CPU for the backbone's instances
-    instances: int = 1  # backbone instances (of instance_kind)
-    tasks: tuple[str, ...] | None = None  # the tasks to serve; default every task of the repository
+    repo: Path = field(metadata={"help": "The deployment repository (`fpt-deploy export` output)."})
+    out: Path | None = field(default=None, metadata={"help": "The Triton model repository (default REPO/triton)."})
+    backend: Literal["onnxruntime", "tensorrt"] = field(
+        default="onnxruntime",
+        metadata={
+            "help": "onnxruntime: ONNX Runtime on Triton's default devices; tensorrt: GPU instances, the backbone "
+            "through ONNX Runtime's TensorRT accelerator (engine built on the serving GPU at load, cached)."
+        },
+    )
+    max_batch_size: int = field(default=64, metadata={"help": "Rows of one backbone execution (and of each head)."})
+    max_len: int = field(
+        default=512, metadata={"help": "Longest sequence the TensorRT profile admits (--backend tensorrt)."}
+    )
+    max_queue_delay_us: int = field(
+        default=2000, metadata={"help": "How long the backbone's batcher waits to fill a batch (microseconds)."}
+    )
+    preferred_batch_size: tuple[int, ...] = field(
+        default=(), metadata={"help": "Batch sizes the backbone's batcher aims for."}
+    )
+    instance_kind: Literal["KIND_AUTO", "KIND_GPU", "KIND_CPU"] | None = field(
+        default=None, metadata={"help": "Instance kind of every model (default: KIND_GPU for tensorrt, else AUTO)."}
+    )
+    instances: int = field(default=1, metadata={"help": "Backbone instances (of instance_kind)."})
+    tasks: tuple[str, ...] | None = field(default=None, metadata={"help": "Tasks to serve (default: every task)."})
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo)
         self.out = Path(self.out) if self.out else self.repo / "triton"
         self.preferred_batch_size = tuple(self.preferred_batch_size)
+        if self.instance_kind is None:
+            self.instance_kind = "KIND_GPU" if self.backend == "tensorrt" else "KIND_AUTO"
         problems = []
+        if self.backend not in ("onnxruntime", "tensorrt"):
+            problems.append(f"backend must be onnxruntime or tensorrt (got {self.backend!r})")
+        if self.max_len < 1:
+            problems.append(f"max len must be >= 1 (got {self.max_len})")
         if self.max_batch_size < 1:
             problems.append(f"max batch size must be >= 1 (got {self.max_batch_size})")
         if self.max_queue_delay_us < 0:
@@ -99,25 +134,66 @@ class TritonResult:
 # --- config.pbtxt text ---------------------------------------------------------------------------------
 
 
-def _tensors_pbtxt(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
+LABELS_FILE = "labels.txt"
+
+
+def _tensors_pbtxt(kind: str, tensors: list[tuple[str, str, list[int]]], labelled: str = "") -> str:
+    """A config's ``input``/``output`` list; the tensor named ``labelled`` gets ``label_filename``."""
     items = ",\n".join(
-        f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+        f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]'
+        + (f' label_filename: "{LABELS_FILE}"' if name == labelled else "")
+        + " }"
         for name, dtype, dims in tensors
     )
     return f"{kind} [\n{items}\n]\n"
 
 
-def _model_pbtxt(name: str, io: dict, max_batch_size: int, batching: str, instances: str = "") -> str:
+def _model_pbtxt(name: str, io: dict, max_batch_size: int, batching: str, extra: str = "", labelled: str = "") -> str:
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
         + _tensors_pbtxt("input", io["inputs"])
-        + _tensors_pbtxt("output", io["outputs"])
+        + _tensors_pbtxt("output", io["outputs"], labelled)
         + batching
-        + instances
+        + extra
     )
 
 
-def _ensemble_pbtxt(name: str, max_batch_size: int, inputs, outputs, steps: list[tuple[str, dict, dict]]) -> str:
+def _instances(config: TritonConfig, count: int = 1) -> str:
+    return f"instance_group [ {{ count: {count} kind: {config.instance_kind} }} ]\n"
+
+
+def _tensorrt_accelerator(config: TritonConfig, io: dict) -> str:
+    """ONNX Runtime's TensorRT accelerator with one optimisation profile over (B, L) and an engine cache.
+
+    Profile shapes follow ``build-engine``: min 1 row of 1 token, tuned for half the rows and a quarter
+    of the tokens, max ``max_batch_size`` rows of ``max_len`` tokens; fixed dims are taken from the graph.
+    """
+
+    def shapes(rows: int, tokens: int) -> str:
+        def one(dims: list[int]) -> str:
+            return "x".join(str(d if d > 0 else tokens) for d in (rows, *dims))
+
+        return ",".join(f"{name}:{one(dims)}" for name, _, dims in io["inputs"])
+
+    b, t = config.max_batch_size, config.max_len
+    parameters = {
+        "trt_engine_cache_enable": "1",  # the engine is built once per GPU, then loaded from the cache
+        "trt_engine_cache_path": "/tmp/fpt_deploy_trt_cache",
+        "max_workspace_size_bytes": str(4 << 30),
+        "trt_profile_min_shapes": shapes(1, 1),
+        "trt_profile_opt_shapes": shapes(max(1, b // 2), max(1, t // 4)),
+        "trt_profile_max_shapes": shapes(b, t),
+    }
+    listed = "".join(f'      parameters {{ key: "{k}" value: "{v}" }}\n' for k, v in parameters.items())
+    return (
+        "optimization { execution_accelerators {\n  gpu_execution_accelerator : [ {\n"
+        f'      name : "tensorrt"\n{listed}  }} ]\n}}}}\n'
+    )
+
+
+def _ensemble_pbtxt(
+    name: str, max_batch_size: int, inputs, outputs, steps: list[tuple[str, dict, dict]], labelled: str = ""
+) -> str:
     def maps(kind: str, mapping: dict) -> str:
         return "".join(f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for k, v in mapping.items())
 
@@ -132,7 +208,7 @@ def _ensemble_pbtxt(name: str, max_batch_size: int, inputs, outputs, steps: list
     return (
         f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
         + _tensors_pbtxt("input", inputs)
-        + _tensors_pbtxt("output", outputs)
+        + _tensors_pbtxt("output", outputs, labelled)
         + f"ensemble_scheduling {{\n  step [\n{body}  ]\n}}\n"
     )
 
@@ -240,9 +316,11 @@ def _write_backbone(root: Path, repo: Repository, backbone: BackboneArtifact, co
     shutil.copyfile(src, root / name / "1" / "model.onnx")
     for rel in _external_data_files(graph):  # weights stored beside the graph travel with it
         shutil.copyfile(src.parent / rel, root / name / "1" / rel)
-    instances = f"instance_group [ {{ count: {config.instances} kind: {config.instance_kind} }} ]\n"
+    extra = _instances(config, config.instances)
+    if config.backend == "tensorrt":
+        extra += _tensorrt_accelerator(config, io)
     (root / name / "config.pbtxt").write_text(
-        _model_pbtxt(name, io, config.max_batch_size, _dynamic_batching(config), instances)
+        _model_pbtxt(name, io, config.max_batch_size, _dynamic_batching(config), extra)
     )
     return name
 
@@ -262,10 +340,16 @@ def _write_task(root: Path, repo: Repository, task: TaskArtifact, backbone_name:
     output_head = onnx.load(str(verify_file(repo.root, task.files["output"], task.sha256["output"])))
     input_head = add_norm_outputs(input_head, norm_weight, norm_bias)
     batching = _dynamic_batching(config)
+    labels = "".join(f"{label}\n" for label in task.labels)
     for name, model in ((head_in, input_head), (head_out, output_head)):
         (root / name / "1").mkdir(parents=True)
         onnx.save(model, str(root / name / "1" / "model.onnx"))
-        (root / name / "config.pbtxt").write_text(_model_pbtxt(name, onnx_io(model), config.max_batch_size, batching))
+        labelled = OUTPUT_HEAD_OUTPUT if name == head_out and labels else ""
+        if labelled:
+            (root / name / LABELS_FILE).write_text(labels)
+        (root / name / "config.pbtxt").write_text(
+            _model_pbtxt(name, onnx_io(model), config.max_batch_size, batching, _instances(config), labelled)
+        )
 
     in_io, out_io = onnx_io(input_head), onnx_io(output_head)
     # Ensemble tensors are named like the graph tensors they carry; the mask feeds both later steps.
@@ -276,8 +360,12 @@ def _write_task(root: Path, repo: Repository, task: TaskArtifact, backbone_name:
     ]
     outputs = [t for t in out_io["outputs"] if t[0] == OUTPUT_HEAD_OUTPUT]
     (root / task.name / "1").mkdir(parents=True)
+    if labels:
+        (root / task.name / LABELS_FILE).write_text(labels)
     (root / task.name / "config.pbtxt").write_text(
-        _ensemble_pbtxt(task.name, config.max_batch_size, in_io["inputs"], outputs, steps)
+        _ensemble_pbtxt(
+            task.name, config.max_batch_size, in_io["inputs"], outputs, steps, OUTPUT_HEAD_OUTPUT if labels else ""
+        )
     )
 
 

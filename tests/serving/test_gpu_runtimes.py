@@ -38,11 +38,11 @@ def test_ort_cuda_matches_cpu(exported_repo):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
-    from fpt_deploy.export.tensorrt import EngineConfig, build_trt_engine
+    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
-    build_trt_engine(EngineConfig(repo=repo, max_batch=16, max_len=64, max_tasks=4))
+    build_engine(EngineConfig(repo=repo, max_batch=16, max_len=64, max_tasks=4))
     cpu = mixed_logits(RuntimeConfig(repo))
     trt = mixed_logits(RuntimeConfig(repo, runtime="tensorrt"))
     for a, b in zip(cpu, trt, strict=True):
