@@ -89,18 +89,17 @@ def backbones() -> None:
     from fpt_deploy.backbones import list_backbones
 
     for b in list_backbones():
-        typer.echo(f"{b.name:<14} {b.description}  [{b.source}; from {b.origin}]")
+        typer.echo(f"{b.name:<14} {b.description}  [{b.source}]")
 
 
 @app.command()
 def tasks() -> None:
     """List the registered tasks with their options and defaults."""
-    from fpt_deploy.tasks import list_task_entries
+    from fpt_deploy.tasks import list_tasks
 
-    for entry in list_task_entries():
-        t = entry.task
+    for t in list_tasks():
         opts = " ".join(f"{k}={v}" for k, v in t.option_defaults().items())
-        typer.echo(f"{t.name:<12} {t.description}  [{entry.origin}]\n{'':<12} options: {opts or '-'}")
+        typer.echo(f"{t.name:<12} {t.description}\n{'':<12} options: {opts or '-'}")
 
 
 OPTION_HELP = "Task option KEY=VALUE (repeatable), e.g. -o n=100 -o patch=10 for bit-memory; see `fpt-deploy tasks`."
@@ -125,14 +124,13 @@ def train(
         "it for every task.",
     ),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
-    task_file: Path = typer.Option(None, help="Your own task, declared in a TOML file (docs/declared-tasks.md)."),
     backbone: str = typer.Option("minilm", "--backbone", "-b", help="Backbone name or local HF folder."),
-    epochs: int = typer.Option(None, help="Passes over the training data (default: the task's recipe, else 3)."),
+    epochs: int = typer.Option(3, help="Passes over the training data (ignored with --steps)."),
     steps: int = typer.Option(None, help="Total optimizer steps; overrides --epochs."),
     batch_size: int = typer.Option(32, help="Examples per step; under torchrun the global batch, split across ranks."),
-    lr: float = typer.Option(None, help="Adam (peak) learning rate (default: the task's recipe, else 1e-3)."),
+    lr: float = typer.Option(1e-3, help="Adam (peak) learning rate; the paper's 1e-3."),
     schedule: Schedule = typer.Option(
-        None, help="cosine (the default): 50-step linear warmup then cosine decay to 0; constant: the paper's."
+        Schedule.cosine, help="cosine: 50-step linear warmup then cosine decay to 0; constant: the paper's."
     ),
     eval_every: int = typer.Option(None, help="Steps between held-out evaluations (default: once an epoch)."),
     stop_at: float = typer.Option(None, help="Stop once held-out accuracy reaches this (e.g. 1.0)."),
@@ -158,18 +156,15 @@ def train(
 
     if task is not None and tasks is not None:
         raise ConfigError("pass --task for one task or --tasks for several, not both")
-    if task_file is not None and (task is not None or tasks is not None):
-        raise ConfigError("pass --task-file or --task/--tasks, not both")
     names = parse_task_list(tasks) if tasks is not None else [task or "mnist"]
     settings = TrainConfig(
         task=names[0],
-        task_file=task_file,
         backbone=backbone,
         epochs=epochs,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        schedule=schedule.value if schedule else None,
+        schedule=schedule.value,
         eval_every=eval_every,
         stop_at_accuracy=stop_at,
         device=device.value,
@@ -325,16 +320,10 @@ def export(
         help="triton: also write a Triton model repository to REPO/triton (with no "
         "--task/--checkpoint, from what REPO already holds).",
     ),
-    backend: str = typer.Option(
-        "onnxruntime",
-        "--backend",
-        help="With --format triton: onnxruntime, or tensorrt (GPU instances, the backbone through ONNX "
-        "Runtime's TensorRT accelerator, engine built on the serving GPU).",
-    ),
 ) -> None:
     """Export tasks to a deployment repository: the backbone ONNX once, per-task heads and norms, validated."""
     if format is ExportFormat.triton and not task and not checkpoint:
-        return _write_triton(repo, backend)
+        return _write_triton(repo)
     from fpt_deploy.export import ExportConfig, export_task
 
     config = ExportConfig(
@@ -362,69 +351,40 @@ def export(
     written = ", ".join(result.backbones_written) or "none (already present)"
     typer.echo(f"repository {result.repo}: backbones written: {written}")
     if format is ExportFormat.triton:
-        _write_triton(repo, backend)
+        _write_triton(repo)
 
 
-def _write_triton(repo: Path, backend: str) -> None:
+def _write_triton(repo: Path) -> None:
     from fpt_deploy.export.triton import TritonConfig, write_triton_repository
 
-    result = write_triton_repository(TritonConfig(repo=repo, backend=backend))
+    result = write_triton_repository(TritonConfig(repo=repo))
     typer.echo(
         f"Triton model repository {result.out}: backbone {', '.join(result.backbones)}; "
         f"ensembles {', '.join(result.tasks)}"
     )
 
 
-def _engine_option(name: str):
-    """The ``build-engine`` option for ``EngineConfig``'s field ``name``: default and help come from the field."""
-    from dataclasses import fields
-
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
-
-    f = next(f for f in fields(EngineConfig) if f.name == name)
-    return typer.Option(f.default, help=f.metadata["help"])
-
-
 @app.command("build-engine")
 @_user_errors
 def build_engine(
-    repo: Path = _engine_option("repo"),
-    fingerprint: str = _engine_option("fingerprint"),
-    fp16: bool = _engine_option("fp16"),
-    max_batch: int = _engine_option("max_batch"),
-    max_len: int = _engine_option("max_len"),
-    max_tasks: int = _engine_option("max_tasks"),
-    opt_batch: int = _engine_option("opt_batch"),
-    opt_len: int = _engine_option("opt_len"),
-    workspace_gib: float = _engine_option("workspace_gib"),
-    atol: float = _engine_option("atol"),
+    repo: Path = typer.Option(Path("deploy"), help="Deployment repository holding the exported backbone."),
+    fp16: bool = typer.Option(False, help="MatMul/Gemm in fp16; normalisation, softmax and residuals stay fp32."),
+    max_batch: int = typer.Option(64, help="Largest batch (rows of one call) the engine accepts."),
+    max_len: int = typer.Option(512, help="Longest sequence (tokens a row) the engine accepts."),
+    max_tasks: int = typer.Option(16, help="Most tasks in the resident norm tables (adding one needs no rebuild)."),
 ) -> None:
     """Build a TensorRT engine of the backbone, wrapped with a Gather by task index from resident norm tables.
 
-    Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy[gpu]'`), no torch. Checks
-    the engine against ONNX Runtime at the smallest, the tuned and the largest shape, then records it in
-    the repository with its limits and the task order of its norm tables.
+    Needs tensorrt (10.x/11.x) and a CUDA GPU; checks the engine against ONNX Runtime and records it in
+    the repository manifest with the task order of its norm tables.
     """
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
-    from fpt_deploy.serving.runtimes.tensorrt import build_engine as build
+    from fpt_deploy.export.tensorrt import EngineConfig, build_trt_engine
 
-    config = EngineConfig(
-        repo=repo,
-        fingerprint=fingerprint or None,
-        fp16=fp16,
-        max_batch=max_batch,
-        max_len=max_len,
-        max_tasks=max_tasks,
-        opt_batch=opt_batch,
-        opt_len=opt_len,
-        workspace_gib=workspace_gib,
-        atol=atol,
-    )
-    result = build(config)
-    parity = ", ".join(f"{point}: {diff:.2e}" for point, diff in result.parity.items())
+    config = EngineConfig(repo=repo, fp16=fp16, max_batch=max_batch, max_len=max_len, max_tasks=max_tasks)
+    result = build_trt_engine(config)
     typer.echo(
-        f"{result.path}: {result.variant} in {result.seconds:.0f}s; max |TensorRT - ONNX Runtime| at {parity}; "
-        f"norm tables: {', '.join(result.tasks)}"
+        f"{result.path}: {result.variant} in {result.seconds:.0f}s; max |TensorRT - ONNX Runtime| "
+        f"{result.max_abs_diff:.2e}; norm tables: {', '.join(result.tasks)}"
     )
 
 
