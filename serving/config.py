@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fpt_deploy.errors import collect
@@ -48,19 +48,61 @@ class ServeConfig(RuntimeConfig):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 64 << 20  # larger request bodies get 413
-    graceful_timeout_s: float = 30.0  # how long shutdown waits for in-flight requests
+    # Limits on what clients may send; serving/server.py lists the status each refusal gets.
+    max_header_bytes: int = field(
+        default=16 << 10, metadata={"help": "Request line and headers larger than this get 431."}
+    )
+    max_body_bytes: int = field(
+        default=64 << 20,
+        metadata={"help": "Request bodies larger than this get 413 (a model's bound from its shape may be lower)."},
+    )
+    max_buffered_bytes: int = field(
+        default=256 << 20,
+        metadata={"help": "Request body bytes held across all connections; a request beyond it gets 503."},
+    )
+    max_queue_rows: int = field(
+        default=256, metadata={"help": "Rows waiting in the batcher beyond which a request gets 503."}
+    )
+    header_timeout_s: float = field(
+        default=10.0, metadata={"help": "Seconds a client has to send a request's headers (then 408, closed)."}
+    )
+    body_timeout_s: float = field(
+        default=10.0, metadata={"help": "Seconds a request body may go without data (then 408, closed)."}
+    )
+    keep_alive_timeout_s: float = field(
+        default=5.0, metadata={"help": "Seconds an idle keep-alive connection stays open."}
+    )
+    json_max_depth: int = field(default=32, metadata={"help": "Deepest nesting of arrays/objects in request JSON."})
+    json_max_number_chars: int = field(
+        default=64, metadata={"help": "Most characters in one number of request JSON."}
+    )
+    graceful_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "Shutdown grace: in-flight requests finish within it; stalled uploads are dropped."},
+    )
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo)
         problems = self.problems()
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be within 0..65535 (got {self.port})")
-        if self.max_body_bytes < 1024:
-            problems.append(f"max body bytes must be >= 1024 (got {self.max_body_bytes})")
-        if self.graceful_timeout_s < 0:
-            problems.append(f"graceful timeout must be >= 0 (got {self.graceful_timeout_s})")
+        problems += self.limit_problems()
         collect(problems)
+
+    def limit_problems(self) -> list[str]:
+        at_least = {
+            "max header bytes": (self.max_header_bytes, 1024),
+            "max body bytes": (self.max_body_bytes, 1024),
+            "max buffered bytes": (self.max_buffered_bytes, 1024),
+            "max queue rows": (self.max_queue_rows, self.max_batch_size),
+            "json max depth": (self.json_max_depth, 8),
+            "json max number chars": (self.json_max_number_chars, 24),
+        }
+        problems = [f"{name} must be >= {low} (got {value})" for name, (value, low) in at_least.items() if value < low]
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "graceful_timeout_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name.replace('_', ' ')} must be > 0 (got {getattr(self, name)})")
+        return problems
 
 
 @dataclass

@@ -33,3 +33,9 @@ class ServerClosingError(FptDeployError, RuntimeError):
     """The server is shutting down and takes no new requests: 503."""
 
     status = 503
+
+
+class ServerBusyError(FptDeployError, RuntimeError):
+    """The server already holds as many request bytes as it may buffer; the client should retry later: 503."""
+
+    status = 503

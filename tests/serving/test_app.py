@@ -34,7 +34,7 @@ def gated_app(synthetic_repo):
         executor(batch)
 
     metrics = ServingMetrics()
-    state = ServerState(model, DynamicBatcher(gated, 1, 0, 1, metrics), metrics, config.max_body_bytes)
+    state = ServerState(model, DynamicBatcher(gated, 1, 0, 1, metrics), metrics, config)
     with TestClient(create_app(state)) as client:
         yield client, state, gate, entered
         gate.set()

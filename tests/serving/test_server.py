@@ -274,9 +274,9 @@ BAD_REQUESTS = [  # (id, model, body, headers, status, message)
         b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [NaN, 1.0]}]}',
         {},
         400,
-        "contains NaN or inf",
+        "must be UINT8, got FP32",  # the declared datatype is refused before the data is read
     ),
-    ("inf-binary", "mnist", None, "inf", 400, "contains NaN or inf"),
+    ("inf-binary", "mnist", None, "inf", 400, "must be UINT8, got FP32"),
     ("unknown-task", "nope", json_body(), {}, 404, "model 'nope' is not served here"),
     (
         "unknown-output",

@@ -1,0 +1,197 @@
+"""Connection-level limits of the HTTP server: header size, header and body read timeouts, shutdown.
+
+uvicorn's httptools protocol has no header size limit and no read timeouts: a client could send a
+50 MB header, or open a connection and send nothing, or stall an upload one byte short, and hold the
+connection forever (and, for an upload, the server's shutdown with it). ``limited_protocol`` returns
+a subclass that bounds each of these the way nginx does (``large_client_header_buffers``,
+``client_header_timeout``, ``client_body_timeout``):
+
+- request line and headers over ``max_header_bytes``: 431, connection closed;
+- headers not complete ``header_timeout_s`` after a request's first byte (or after the connection
+  opened): 408, closed (a connection that sent nothing is just closed);
+- a body that receives no data for ``body_timeout_s``: 408, closed, and the application sees a
+  disconnect (``scope["fpt.closed"]`` names why). Time when the server itself paused reading (flow
+  control) does not count against the client;
+- on shutdown, connections mid-headers are closed, and uploads get ``SHUTDOWN_BODY_IDLE_S`` between
+  bytes instead of ``body_timeout_s``: a stalled upload is dropped at once, a flowing one finishes.
+
+Each closing is reported to ``on_close(reason)`` (the server counts them in /metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+# During shutdown an upload may go this long without data before it is dropped.
+SHUTDOWN_BODY_IDLE_S = 1.0
+CLOSED_SCOPE_KEY = "fpt.closed"  # set in a request's ASGI scope when the server closed its connection
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    max_header_bytes: int = 16 << 10
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request the protocol has already answered."""
+
+
+def limited_protocol(limits: ConnectionLimits, on_close: Callable[[str], None] = lambda reason: None) -> type:
+    """An ``HttpToolsProtocol`` subclass enforcing ``limits``; pass it as ``uvicorn.Config(http=...)``."""
+
+    class LimitedHttpToolsProtocol(_LimitedHttpToolsProtocol):
+        pass
+
+    LimitedHttpToolsProtocol.limits = limits
+    LimitedHttpToolsProtocol.on_close = staticmethod(on_close)
+    return LimitedHttpToolsProtocol
+
+
+class _LimitedHttpToolsProtocol(HttpToolsProtocol):
+    limits: ConnectionLimits
+    on_close: Callable[[str], None]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer = None
+        self._phase = "idle"  # idle (between requests) | headers | body
+        self._header_bytes = 0
+        self._last_data = 0.0
+        self._body_idle = self.limits.body_timeout_s
+        self._refused = False
+        self._bytes_seen = False
+
+    # -- timers --------------------------------------------------------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._phase == "body":
+            idle = time.monotonic() - self._last_data
+            if self.flow.read_paused and not self.cycle.response_complete:
+                self._last_data = time.monotonic()  # the server stopped reading, not the client
+                idle = 0.0
+            if idle < self._body_idle:
+                self._arm(self._body_idle - idle)
+                return
+            self._refuse(408, "body_timeout", f"no request body data for {self._body_idle:g} s; connection closed")
+        elif self._phase == "headers" or self._bytes_seen:
+            self._refuse(408, "header_timeout", f"the request headers took over {self.limits.header_timeout_s:g} s")
+        else:  # connected and never sent a byte
+            self.on_close("idle_timeout")
+            self.transport.close()
+
+    # -- refusing ------------------------------------------------------------------------------------
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer ``status`` with ``{"error": message}`` unless the application already answered; close."""
+        self._refused = True
+        self._disarm()
+        self.on_close(reason)
+        if reason != "body_timeout":  # the application logs that one, with its request id
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            self.logger.warning("connection from %s closed with %d (%s)", client, status, reason)
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started:
+            body = json.dumps({"error": message}).encode()
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n\r\n",
+            ]
+            self.transport.write(b"".join(head) + body)
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[CLOSED_SCOPE_KEY] = reason
+            cycle.response_started = cycle.response_complete = True  # the application's answer goes nowhere
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    # -- protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout_s)  # a connection that sends nothing is closed too
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._bytes_seen = True
+        if self._phase == "body":
+            self._last_data = time.monotonic()
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:  # also a callback's _Refused, after its answer was sent
+            if not self._refused:
+                self.logger.warning("Invalid HTTP request received.")
+                self.on_close("bad_request")
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._phase == "headers" and not self._refused:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._refuse(431, "header_too_large", self._header_message(self._header_bytes))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase, self._header_bytes = "headers", 0
+        if self._timer is None:  # a keep-alive connection's next request: its headers' clock starts now
+            self._arm(self.limits.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.limits.max_header_bytes:
+            self._refuse(431, "header_too_large", self._header_message(size))
+            raise _Refused
+        super().on_headers_complete()
+        self._phase, self._last_data = "body", time.monotonic()
+        self._arm(self._body_idle)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._phase = "idle"
+        self._disarm()
+
+    def shutdown(self) -> None:
+        if self._phase == "headers":  # a request not yet begun is not in flight
+            self._refuse(503, "shutdown", "the server is shutting down; retry on another replica")
+            return
+        super().shutdown()
+        if self._phase == "body":
+            self._body_idle = min(self._body_idle, SHUTDOWN_BODY_IDLE_S)
+            self._arm(0)
+
+    def _header_message(self, size: int) -> str:
+        return f"the request line and headers exceed {self.limits.max_header_bytes} bytes ({size} received)"
