@@ -18,7 +18,7 @@ What it is, exactly (the fair version of "FastAPI + torch" that someone without 
   waiting rows. Rows of different tasks cannot share a call: each task has its own model.
 - Threads: torch intra-op threads / ONNX Runtime intra-op threads = physical cores, ORT spinning off,
   graph optimisation on, and each ORT graph loaded with ONNX Runtime's transformer fusions
-  (``fpt_deploy.ort_fusion``), and the same GIL switch interval: the settings the fpt-deploy server
+  (``fpt_deploy.serving.runtimes.ort_rewrite``), and the same GIL switch interval: the settings the fpt-deploy server
   uses, so the comparison is architecture, not tuning.
 """
 
@@ -74,9 +74,8 @@ def load_torch_models(models: dict[str, Path], threads: int):
 def load_ort_models(models: dict[str, Path], threads: int):
     """task -> callable(raw ndarray) -> logits ndarray; one full-model session per task."""
     import onnxruntime as ort
-    from fpt_deploy.serving.runtime import session_options
-
-    from fpt_deploy.ort_fusion import ort_graph
+    from fpt_deploy.serving.runtimes.ort_rewrite import ort_graph
+    from fpt_deploy.serving.runtimes.sessions import session_options
 
     fns = {}
     for name, path in models.items():

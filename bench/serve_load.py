@@ -235,7 +235,7 @@ def raw_backbone(
     repo: Path, variant: str, threads: int | None, length: int, batches: list[int], max_seconds: float
 ) -> dict[int, float]:
     """Rows/s of the backbone alone (ONNX Runtime, the server's session options), per batch size."""
-    from fpt_deploy.serving.runtime import OrtRuntime
+    from fpt_deploy.serving.runtimes.ort import OrtRuntime
 
     from fpt_deploy.artifacts import open_repository
 
@@ -263,7 +263,7 @@ def raw_backbone(
 _BACKBONE_RSS = """
 import sys, numpy as np, psutil
 from fpt_deploy.artifacts import open_repository
-from fpt_deploy.serving.runtime import OrtRuntime
+from fpt_deploy.serving.runtimes.ort import OrtRuntime
 repo, variant, length, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = open_repository(repo)
 b = next(iter(r.backbones.values()))

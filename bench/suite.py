@@ -6,7 +6,7 @@ Sections (``SECTIONS``), in the order they run:
 
 - ``gemm``: float32 (and bf16) matrix-product GFLOP/s with torch on this CPU: the machine's limit.
 - ``backbone``: the shared body alone at batch 1, 8, 32 (32 = the server's ceiling): ONNX Runtime fp32 and
-  int8 with the server's own session options (``serving.runtime.OrtRuntime``), and the PyTorch eager body.
+  int8 with the server's own session options (``serving.runtimes.ort.OrtRuntime``), and the PyTorch eager body.
   Contenders alternate in short rounds and the best round counts (the machine is shared).
 - ``load``: four servers on 127.0.0.1, all driven by the same closed-loop load generator
   (``bench.serve_load.load``): one MNIST row a request in the binary KServe v2 format, tasks mixed
@@ -384,7 +384,7 @@ def int8_accuracy(repo: Path) -> dict:
 def bench_gemm(cfg: SuiteConfig) -> dict:
     """Matrix-product peak of this CPU with torch: n^3 products, float32 and bf16 alternating, best call."""
     import torch
-    from fpt_deploy.serving.runtime import physical_cores
+    from fpt_deploy.serving.runtimes.sessions import physical_cores
 
     torch.set_num_threads(cfg.threads or physical_cores())
     n = cfg.gemm_size
@@ -435,7 +435,7 @@ def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
     hidden (B, L, D) float32, attention_mask (B, L) int64.
     """
-    from fpt_deploy.serving.runtime import create_head_session
+    from fpt_deploy.serving.runtimes.sessions import create_head_session
 
     from fpt_deploy.artifacts import open_repository, verify_file
 
@@ -449,7 +449,8 @@ def _backbone_rows(prep: Prepared, batch: int) -> tuple[np.ndarray, np.ndarray]:
 def bench_backbone(cfg: SuiteConfig, prep: Prepared) -> dict:
     """Rows/s of the body alone: ORT (server session options) fp32/int8 and PyTorch eager, per batch."""
     import torch
-    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
+    from fpt_deploy.serving.runtimes.ort import OrtRuntime
+    from fpt_deploy.serving.runtimes.sessions import physical_cores
 
     from fpt_deploy.artifacts import open_repository
     from fpt_deploy.backbones import load_backbone
@@ -533,7 +534,8 @@ def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
     level's batches can reach) is timed right then, with every server idle: the ceiling that level is
     compared with, measured in the same minute.
     """
-    from fpt_deploy.serving.runtime import OrtRuntime, physical_cores
+    from fpt_deploy.serving.runtimes.ort import OrtRuntime
+    from fpt_deploy.serving.runtimes.sessions import physical_cores
 
     from fpt_deploy.artifacts import open_repository
 
@@ -648,7 +650,7 @@ def bench_memory(cfg: SuiteConfig, prep: Prepared, scratch: Path) -> dict:
 def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
     """Optimizer steps/s: the FPT step (heads, positions, norms train) vs full fine-tuning, fp32 and bf16."""
     import torch
-    from fpt_deploy.serving.runtime import physical_cores
+    from fpt_deploy.serving.runtimes.sessions import physical_cores
     from fpt_deploy.training.loop import autocast, loss_and_correct
 
     from fpt_deploy.backbones import load_backbone

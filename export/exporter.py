@@ -100,7 +100,7 @@ def export_task(config: ExportConfig) -> ExportResult:
                 if written:  # listed at once: a concurrent export of the same body reuses this file
                     repo.save_manifest()
                     result.backbones_written.append(f"{fp[:16]}/{FP32}")
-            sessions[fp] = ort_session(artifact.path(repo.root, FP32), fused=True)  # as served
+            sessions[fp] = ort_session(artifact.path(repo.root, FP32))
         data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
         raw = data[task.name].inputs[: config.validation_rows]
         export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config)
@@ -162,8 +162,7 @@ def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) 
 
     def write_and_check(tmp: Path) -> None:
         write_backbone_graph(body, tmp, opset)
-        check_backbone(body, ort_session(tmp), atol)  # the file itself: what TensorRT and Triton read
-        check_backbone(body, ort_session(tmp, fused=True), atol, graph="ORT-fused")  # as the server runs it
+        check_backbone(body, ort_session(tmp), atol)  # the portable file every runtime reads
 
     write_with(repo.root / rel, write_and_check)
     artifact = BackboneArtifact(
@@ -220,7 +219,7 @@ def ensure_int8_backbone(
 ) -> tuple[bool, dict]:
     """Add (or re-check) the int8 variant of backbone ``fp``; returns (written, accuracy report).
 
-    ``fp32_session`` runs the float backbone as served (``ort_session(..., fused=True)``).
+    ``fp32_session`` runs the float backbone (``ort_session``).
 
     Every task of this backbone whose held-out data loads is evaluated with the float and the int8
     graph. When one loses more than ``config.accuracy_tolerance`` points, the variant is removed from
@@ -240,7 +239,7 @@ def ensure_int8_backbone(
             repo.root / rel, lambda tmp: quantize_backbone_int8(artifact.path(repo.root, FP32), tmp, calibration)
         )
         written = True
-    fp32, int8 = fp32_session, ort_session(repo.root / rel, fused=True)
+    fp32, int8 = fp32_session, ort_session(repo.root / rel)
     report = {}
     for name, (ort_task, td) in tasks.items():
         labels = td.labels

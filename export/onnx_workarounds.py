@@ -7,10 +7,6 @@
   inputs, so nothing task-specific is constant-folded into the body.
 - ``torch.export`` specialises an axis whose example size is 0 or 1, so example inputs use batch 2
   and a length of at least 2 (``example_batch``).
-- ONNX Runtime (1.32, CPU) fuses each residual ``Add`` + ``LayerNormalization`` into
-  ``SkipLayerNormalization``, whose CPU kernel measured 8-15x slower than the unfused pair here
-  ([8, 49, 384]: 612-1134 us vs 77 us), 14-26% of the backbone's time. ``residual_sums`` writes those
-  Adds as ``Sum`` (same arithmetic), which the fusion does not match: +9-23% backbone throughput.
 - Below opset 18 the exporter converts the graph down with the ONNX version converter and says so
   in a warning; that, and its notes about axis renaming, go to the debug log instead of the console.
 """
@@ -79,19 +75,3 @@ def export_onnx(
             verbose=False,
         )
     program.save(str(path), external_data=False)
-
-
-def residual_sums(model) -> int:
-    """Rewrite each ``Add`` that feeds a LayerNormalization as ``Sum``, in place; returns how many.
-
-    The arithmetic is the same; the point is that ONNX Runtime's SkipLayerNormalization fusion only
-    matches ``Add``, and its CPU kernel is far slower than Add + LayerNormalization (module docstring).
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    count = 0
-    for node in model.graph.node:
-        add = producer.get(node.input[0]) if node.op_type == "LayerNormalization" else None
-        if add is not None and add.op_type == "Add" and len(add.input) == 2:
-            add.op_type = "Sum"
-            count += 1
-    return count

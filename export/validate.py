@@ -14,26 +14,22 @@ import numpy as np
 
 from fpt_deploy.artifacts import BACKBONE_OUTPUT, INPUT_HEAD_INPUT
 from fpt_deploy.errors import ArtifactError, ExportMismatchError
-from fpt_deploy.ort_fusion import ort_graph
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # rows per ORT / PyTorch call during validation
 
 
-def ort_session(path: Path, fused: bool = False):
-    """A CPU ONNX Runtime session for ``path``; an unreadable graph is an ``ArtifactError``.
+def ort_session(path: Path):
+    """A plain CPU ONNX Runtime session for ``path``; an unreadable graph is an ``ArtifactError``.
 
-    ``fused``: load a backbone as the server does, with ONNX Runtime's transformer fusions
-    (``fpt_deploy.ort_fusion``), so the parity checks cover the graph that is actually served.
+    Export checks the portable files themselves; a runtime that rewrites them at load checks its own
+    copy against them (``serving.runtimes``).
     """
     import onnxruntime as ort
 
     try:
-        if not fused:
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        with ort_graph(path) as graph:
-            return ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types, all from RuntimeError or Exception
         raise ArtifactError(f"{path} is not a loadable ONNX graph ({e}); re-run `fpt-deploy export`") from e
 
@@ -100,7 +96,7 @@ def _check(what: str, diff: float, atol: float) -> float:
     return diff
 
 
-def check_backbone(body, backbone, atol: float, graph: str = "portable", batch: int = 5, length: int = 13) -> float:
+def check_backbone(body, backbone, atol: float, batch: int = 5, length: int = 13) -> float:
     """The body alone, on hidden states of unit scale with some padded rows and the pretrained norms."""
     import torch
 
@@ -113,7 +109,7 @@ def check_backbone(body, backbone, atol: float, graph: str = "portable", batch: 
         ref = body(hidden, mask, weight, bias).numpy()
     got = run_backbone(backbone, hidden.numpy(), mask.numpy(), weight.numpy(), bias.numpy())
     real = mask.numpy().astype(bool)  # padded positions are don't-care: no output head reads them
-    return _check(f"backbone {body.fingerprint()[:16]} ({graph} graph)", float(np.abs(got - ref)[real].max()), atol)
+    return _check(f"backbone {body.fingerprint()[:16]}", float(np.abs(got - ref)[real].max()), atol)
 
 
 def check_task(name: str, model, ort_task: OrtTask, backbone, raw: np.ndarray, atol: float) -> float:

@@ -5,7 +5,7 @@ from fpt_deploy.serving.config import PredictConfig, RuntimeConfig, ServeConfig
 from fpt_deploy.serving.executor import InferenceRequest, InferenceResult, MixedBatchExecutor
 from fpt_deploy.serving.model import LoadedTask, ServingModel
 from fpt_deploy.serving.predict import PredictResult, predict
-from fpt_deploy.serving.runtime import OrtRuntime, Runtime, TensorRTRuntime, create_runtime
+from fpt_deploy.serving.runtimes import Runtime, create_runtime, register_runtime, runtime_names
 
 __all__ = [
     "DynamicBatcher",
@@ -13,17 +13,17 @@ __all__ = [
     "InferenceResult",
     "LoadedTask",
     "MixedBatchExecutor",
-    "OrtRuntime",
     "PredictConfig",
     "PredictResult",
     "Runtime",
     "RuntimeConfig",
     "ServeConfig",
     "ServingModel",
-    "TensorRTRuntime",
     "create_app",
     "create_runtime",
     "predict",
+    "register_runtime",
+    "runtime_names",
     "serve",
 ]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fpt_deploy.serving.model import LoadedTask
-from fpt_deploy.serving.runtime import Runtime
+from fpt_deploy.serving.runtimes import Runtime
 
 log = logging.getLogger(__name__)
 

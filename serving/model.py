@@ -14,7 +14,8 @@ import numpy as np
 from fpt_deploy.serving.config import RuntimeConfig
 from fpt_deploy.serving.errors import InvalidInputError
 from fpt_deploy.serving.protocol import triton_dtype
-from fpt_deploy.serving.runtime import Runtime, create_head_session, create_runtime
+from fpt_deploy.serving.runtimes import Runtime, runtime_class
+from fpt_deploy.serving.runtimes.sessions import create_head_session
 
 from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
@@ -149,15 +150,13 @@ class ServingModel:
             self.tasks[name] = task
             weights.append(w)
             biases.append(b)
-        engine = Path(config.engine) if config.engine else None
-        backbone_path = None
-        if config.runtime == "tensorrt":
-            engine = engine or self._engine_path(repo.root, config.backbone_variant)
-        else:
-            backbone_path = self.backbone.path(repo.root, config.backbone_variant)
-        self.runtime: Runtime = create_runtime(
-            config.runtime, backbone_path, engine, np.stack(weights), np.stack(biases), config.threads
+        runtime = runtime_class(config.runtime)
+        backbone_file = (
+            Path(config.engine)
+            if config.engine
+            else runtime.backbone_file(self.backbone, repo.root, config.backbone_variant)
         )
+        self.runtime: Runtime = runtime(backbone_file, np.stack(weights), np.stack(biases), threads=config.threads)
         self.variant = config.backbone_variant
         log.info(
             "loaded %d task(s) on backbone %s (%s, %s): %s",
@@ -167,16 +166,6 @@ class ServingModel:
             config.runtime,
             ", ".join(self.tasks),
         )
-
-    def _engine_path(self, root: Path, variant: str) -> Path:
-        """The engine `fpt-deploy build-engine` recorded: variant fp32 -> "trt-fp32", fp16 -> "trt-fp16"."""
-        variant = variant if variant.startswith("trt-") else f"trt-{variant}"
-        if variant not in self.backbone.files:
-            raise ArtifactError(
-                f"backbone {self.backbone.fingerprint[:16]} has no TensorRT engine {variant!r}; "
-                "run `fpt-deploy build-engine` on this GPU first, or pass --engine"
-            )
-        return self.backbone.path(root, variant)
 
     def task(self, name: str) -> LoadedTask:
         from fpt_deploy.errors import UnknownNameError
