@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fpt_deploy.errors import collect
+from fpt_deploy.serving.runtimes import runtime_names
 
-RUNTIMES = ("ort", "ort-cuda", "tensorrt")
+from fpt_deploy.errors import collect
 
 
 @dataclass
@@ -15,7 +15,7 @@ class RuntimeConfig:
     """How the shared backbone and the per-task heads execute (shared by ``serve`` and ``predict``)."""
 
     repo: Path  # deployment repository written by `fpt-deploy export`
-    runtime: str = "ort"  # ort (CPU) | ort-cuda | tensorrt
+    runtime: str = "ort"  # a name in serving.runtimes' registry: ort (CPU), ort-cuda, tensorrt, ...
     backbone_variant: str = "fp32"  # which backbone file of the repository: fp32, int8, ...
     fingerprint: str | None = None  # prefix of the backbone fingerprint to run when the repository holds several
     engine: Path | None = None  # TensorRT engine file; default: the one `fpt-deploy build-engine` wrote
@@ -27,8 +27,8 @@ class RuntimeConfig:
 
     def problems(self) -> list[str]:
         problems = []
-        if self.runtime not in RUNTIMES:
-            problems.append(f"runtime must be one of {', '.join(RUNTIMES)} (got {self.runtime!r})")
+        if self.runtime not in runtime_names():
+            problems.append(f"runtime must be one of {', '.join(runtime_names())} (got {self.runtime!r})")
         if self.max_batch_size < 1:
             problems.append(f"max batch size must be >= 1 (got {self.max_batch_size})")
         if not 0 <= self.max_queue_delay_ms <= 60_000:

@@ -161,8 +161,13 @@ def _build(source: Path, source_sha256: str, rewrite: Rewrite, slots: list[_Slot
             record = _write(slot, source, source_sha256, rewrite)
         except OSError as e:
             if i + 1 < len(slots) and _unwritable(e):
-                log.warning("cannot write the %s rewrite cache in %s (%s); trying %s",
-                            rewrite.name, slot.copy.parent, e.strerror or e, slots[i + 1].copy.parent)
+                log.warning(
+                    "cannot write the %s rewrite cache in %s (%s); trying %s",
+                    rewrite.name,
+                    slot.copy.parent,
+                    e.strerror or e,
+                    slots[i + 1].copy.parent,
+                )
                 continue
             return _failed(source, rewrite, e)
         except Exception as e:  # noqa: BLE001  (the rewrite is an optimisation: any failure keeps the plain graph)
