@@ -71,6 +71,13 @@ class ModelStatistics:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     latencies_us: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # rows of this model in one execution -> its stage durations (Triton's batch_stats, one count a batch)
+    batches: dict[int, dict[str, Duration]] = field(default_factory=dict)
+
+    def batch(self, rows: int) -> dict[str, Duration]:
+        if rows not in self.batches:
+            self.batches[rows] = {kind: Duration() for kind in STAGES.values()}
+        return self.batches[rows]
 
     DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -83,7 +90,10 @@ class ModelStatistics:
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {k: getattr(self, k).to_json() for k in self.DURATIONS},
-            "batch_stats": [],
+            "batch_stats": [
+                {"batch_size": rows, **{k: d.to_json() for k, d in stages.items()}}
+                for rows, stages in sorted(self.batches.items())
+            ],
         }
 
     def quantiles_us(self) -> dict[float, float]:
@@ -102,7 +112,7 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self._models: dict[str, ModelStatistics] = {}
         self.backbone = ModelStatistics("backbone")  # renamed by ``name_backbone``
-        self._current: dict[str, int] = {}  # task -> requests in the batch the worker is executing
+        self._current: dict[str, tuple[int, int]] = {}  # task -> (requests, rows) of the executing batch
         r = self.registry
         if process_collectors:  # process_resident_memory_bytes, CPU seconds, open fds; python_info; GC
             ProcessCollector(registry=r)
@@ -191,7 +201,7 @@ class ServingMetrics:
                 stats.inference_count += rows
                 stats.execution_count += 1
                 stats.last_inference = ms
-            self._current = requests
+            self._current = {name: (requests[name], rows) for name, rows in per_task.items()}
         for request in batch:
             self.queue_seconds.observe(now - request.enqueued)
         for name, rows in per_task.items():
@@ -208,8 +218,10 @@ class ServingMetrics:
         if kind is None:
             return
         with self._lock:
-            for name, requests in self._current.items():
-                getattr(self._stats(name), kind).add(seconds, requests)
+            for name, (requests, rows) in self._current.items():
+                stats = self._stats(name)
+                getattr(stats, kind).add(seconds, requests)
+                stats.batch(rows)[kind].add(seconds)
 
     def observe_backbone_call(self, rows: int, tasks: int, tokens: int, real_tokens: int) -> None:
         with self._lock:

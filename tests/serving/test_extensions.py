@@ -153,6 +153,9 @@ def test_statistics_count_requests_rows_and_backbone_executions(explicit):
     assert s["success"]["count"] == 3 and s["fail"]["count"] == 1
     for kind in ("queue", "compute_input", "compute_infer", "compute_output"):
         assert s[kind]["count"] == 3 and s[kind]["ns"] > 0, kind
+    batches = vec["batch_stats"]  # per rows-of-this-task in an execution, one count each
+    assert sum(b["compute_infer"]["count"] for b in batches) == vec["execution_count"]
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in batches) == 6
     assert stats[backbone]["execution_count"] >= vec["execution_count"]
     assert stats[backbone]["inference_count"] == 6
     assert stats["tok"]["inference_count"] == 0
