@@ -35,11 +35,12 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -238,11 +239,14 @@ def _decode(
     return decoded
 
 
-def create_app(state: ServerState):
+def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
     """The FastAPI application over ``state``; closing the app drains the batcher.
 
-    Routes added later (extensions) describe themselves in ``app.state.openapi_paths``, or are
-    described from their FastAPI signatures; /openapi.json serves the union.
+    ``routers`` (extensions: repository, statistics, ...) are included first, so their fixed paths
+    such as ``/v2/models/stats`` win over ``/v2/models/{name}``. Their routes are described in
+    /openapi.json from their FastAPI signatures, or by entries they add to ``app.state.openapi_paths``.
+    Extensions that read a body use ``read_body`` (bounded, counted in the budget) and
+    ``protocol.parse_json`` (depth and number limits), as ``infer`` does.
     """
 
     @asynccontextmanager
@@ -255,6 +259,8 @@ def create_app(state: ServerState):
 
     app = FastAPI(title=SERVER_NAME, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.openapi_paths = dict(CORE_PATHS)
+    for extension in routers:
+        app.include_router(extension)
     app.include_router(extensions.router(state))  # before /v2/models/{name}: .../stats and .../config win
     request_ids = itertools.count(1)
 

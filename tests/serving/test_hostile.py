@@ -530,3 +530,26 @@ def test_one_validated_path_for_every_transport():
         validate_inputs(UINT8, [DeclaredTensor(name="input", datatype="UINT8", shape=[33, 28, 28], raw=b"")])
     with pytest.raises(MalformedRequestError, match="needs 784"):
         validate_inputs(UINT8, [DeclaredTensor(name="input", datatype="UINT8", shape=[1, 28, 28], raw=b"\0" * 10)])
+
+
+def test_server_error_answers_500_without_internal_text(synthetic_repo, caplog):
+    from fastapi.testclient import TestClient
+    from fpt_deploy.serving import ServeConfig
+    from fpt_deploy.serving.server import ServerState, create_app
+
+    state = ServerState.load(ServeConfig(repo=synthetic_repo, threads=1))
+
+    def broken(task, array):
+        raise RuntimeError("secret internal detail")
+
+    state.batcher.submit = broken
+    try:
+        with caplog.at_level("WARNING", logger="fpt_deploy.serving.server"):
+            answer = TestClient(create_app(state)).post(VEC, content=GOOD, headers={"X-Request-ID": "abc-1"})
+        assert answer.status_code == 500
+        assert "secret" not in answer.text and "request abc-1" in answer.json()["error"]
+        assert answer.headers["X-Request-ID"] == "abc-1"
+        (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert "request abc-1" in record.getMessage() and record.exc_info is not None  # the traceback
+    finally:
+        state.close(5)
