@@ -52,6 +52,7 @@ from fpt_deploy.artifacts import (
     Repository,
     backbone_dir,
     open_repository,
+    repository_lock,
     sha256_file,
     verify_file,
 )
@@ -782,13 +783,13 @@ def build_engine(config: EngineConfig) -> EngineResult:
         "parity_vs_onnxruntime": parity,
         "atol": config.atol,
     }
-    # Re-read the manifest just before writing it, so a concurrent export's additions are kept.
-    repo = open_repository(config.repo)
-    entry = repo.backbones[backbone.fingerprint]
-    for variant, rel in ((config.variant, plan_rel), ("task-index", wrapped_rel)):
-        entry.files[variant], entry.sha256[variant] = rel, sha256_file(repo.root / rel)
-    entry.extra.setdefault("engines", {})[config.variant] = info
-    repo.save_manifest()
+    with repository_lock(repo.root):  # re-read under the lock, so a concurrent export's additions are kept
+        repo = open_repository(config.repo)
+        entry = repo.backbones[backbone.fingerprint]
+        for variant, rel in ((config.variant, plan_rel), ("task-index", wrapped_rel)):
+            entry.files[variant], entry.sha256[variant] = rel, sha256_file(repo.root / rel)
+        entry.extra.setdefault("engines", {})[config.variant] = info
+        repo.save_manifest()
     log.info("wrote %s (%.1f MB) in %.0fs", plan_rel, len(engine_bytes) / 1e6, seconds)
     return EngineResult(
         path=repo.root / plan_rel,

@@ -201,6 +201,87 @@ class DoubleCudart(types.ModuleType):
         return (cudaError_t.cudaSuccess,)
 
 
+class RecordingCudart(types.ModuleType):
+    """TEST DOUBLE wrapper of the REAL ``cuda.bindings.runtime`` (GPU machines): every call goes to CUDA.
+
+    It records allocations, frees and streams with the same bookkeeping as ``DoubleCudart``, and lets
+    the double's engine read and write real device memory (synchronous copies after the stream's
+    queued work), so the runtime's buffers, copies and streams run on a real GPU and driver.
+    """
+
+    IS_TEST_DOUBLE = True
+
+    def __init__(self, real) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self._real = real
+        self.calls: list[tuple] = []
+        self.violations: list[str] = []
+        self.allocations: dict[int, int] = {}
+        self.freed: list[int] = []
+        self.streams: dict[int, list] = {}
+        self.destroyed_streams: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        self.calls.append(("cudaMalloc", nbytes))
+        result = self._real.cudaMalloc(nbytes)
+        if int(result[0]) == 0:
+            self.allocations[int(result[1])] = nbytes
+        return result
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.calls.append(("cudaFree", ptr))
+        if self.allocations.pop(int(ptr), None) is None:
+            self.violations.append(f"cudaFree({int(ptr):#x}): not a live allocation (double free?)")
+        else:
+            self.freed.append(int(ptr))
+        return self._real.cudaFree(ptr)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        self.calls.append(("cudaStreamCreate",))
+        result = self._real.cudaStreamCreate()
+        if int(result[0]) == 0:
+            self.streams[int(result[1])] = []
+        return result
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self.calls.append(("cudaStreamDestroy", int(stream)))
+        self.streams.pop(int(stream), None)
+        self.destroyed_streams.append(int(stream))
+        return self._real.cudaStreamDestroy(stream)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        self.calls.append(("cudaMemcpyAsync", cudaMemcpyKind(int(kind)).name, nbytes, int(stream)))
+        return self._real.cudaMemcpyAsync(dst, src, nbytes, kind, stream)
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self.calls.append(("cudaStreamSynchronize", int(stream)))
+        return self._real.cudaStreamSynchronize(stream)
+
+    # what the double's engine uses to reach device memory
+    def _copy(self, dst, src, nbytes, kind, what) -> bool:
+        (err,) = self._real.cudaMemcpy(dst, src, nbytes, kind)
+        if int(err) != 0:
+            self.violations.append(f"{what}: cudaMemcpy failed ({err})")
+        return int(err) == 0
+
+    def read(self, ptr: int, nbytes: int, what: str) -> bytes | None:
+        host = np.empty(nbytes, np.uint8)
+        kind = self._real.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        return host.tobytes() if self._copy(host.ctypes.data, ptr, nbytes, kind, what) else None
+
+    def write(self, ptr: int, data: bytes, what: str) -> None:
+        host = np.frombuffer(data, np.uint8).copy()
+        self._copy(ptr, host.ctypes.data, len(data), self._real.cudaMemcpyKind.cudaMemcpyHostToDevice, what)
+
+    def enqueue(self, stream: int, device_ptrs: tuple[int, ...], run) -> bool:
+        self._real.cudaStreamSynchronize(stream)  # the inputs copied before the launch have landed
+        run()
+        return True
+
+
 # --- tensorrt -------------------------------------------------------------------------------------------
 
 

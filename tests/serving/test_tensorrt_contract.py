@@ -370,3 +370,26 @@ def test_build_options_are_validated_together(tmp_path):
     defaults = EngineConfig(repo=tmp_path, max_batch=64, max_len=512)
     assert (defaults.opt_batch, defaults.opt_len) == (32, 128)  # tuned inside the range, not at its maximum
     assert EngineConfig(repo=tmp_path, fp16=True).atol > EngineConfig(repo=tmp_path).atol
+
+
+@pytest.mark.gpu
+def test_real_cuda_python_buffers_streams_and_frees_on_a_gpu(synthetic_repo, tmp_path, monkeypatch):
+    """On a GPU machine: the runtime's cuda-python calls on a REAL driver; only the engine is the double's."""
+    real = pytest.importorskip("cuda.bindings.runtime", reason="needs cuda-python (the gpu extra)")
+    recorder = double.RecordingCudart(real)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", recorder)
+    monkeypatch.setitem(sys.modules, "tensorrt", double.DoubleTensorRT(recorder))
+    repo = tmp_path / "repo"
+    shutil.copytree(synthetic_repo, repo)
+    result = build_engine_small(repo)  # the parity check's buffers and stream live on the GPU
+    assert result.max_abs_diff <= 1e-5 and result.info["gpu"] != "TEST DOUBLE GPU"
+    _assert_clean(recorder)
+    recorder.calls.clear(), recorder.freed.clear(), recorder.destroyed_streams.clear()
+    tables = _tables(repo)
+    runtime = _runtime(repo, tables)
+    hidden, mask, index = _batch(4, 8)
+    np.testing.assert_allclose(
+        runtime.run_backbone(hidden, mask, index), _reference(repo, tables, hidden, mask, index), atol=1e-6
+    )
+    runtime.close()
+    _assert_clean(recorder)

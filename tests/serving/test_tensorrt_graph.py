@@ -22,7 +22,7 @@ from fpt_deploy.serving.runtimes.tensorrt_graph import (
 )
 from onnx import TensorProto, helper
 
-from fpt_deploy.errors import ArtifactError, ConfigError, RuntimeUnavailableError
+from fpt_deploy.errors import ArtifactError
 
 TASKS = ("mnist", "bit-xor")
 
@@ -153,21 +153,21 @@ sys.meta_path.insert(0, BlockTorch())
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here: the GPU-less path cannot be shown")
 @pytest.mark.parametrize("torch_blocked", [False, True], ids=["with-torch", "without-torch"])
-def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(deploy_repo, torch_blocked):
+def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(synthetic_repo, torch_blocked):
     """`fpt-deploy build-engine` needs no torch: either way it ends with the GPU message, exit 2."""
     import subprocess
     import sys
 
     script = (BLOCK_TORCH if torch_blocked else "") + (
         "from fpt_deploy.cli import app\n"
-        f"app(['build-engine', '--repo', {str(deploy_repo)!r}, '--max-batch', '4'])\n"
+        f"app(['build-engine', '--repo', {str(synthetic_repo)!r}, '--max-batch', '4'])\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "pip install 'fpt-deploy[gpu]'" in last and "Traceback" not in done.stderr
     assert "b'" not in last  # CUDA's error text decoded, not raw bytes
-    manifest = json.loads((deploy_repo / "manifest.json").read_text())
+    manifest = json.loads((synthetic_repo / "manifest.json").read_text())
     assert all("engines" not in b["extra"] for b in manifest["backbones"].values())  # nothing recorded
 
 
