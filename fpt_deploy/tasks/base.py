@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fpt_deploy.errors import ConfigError
+from fpt_deploy.tasks.recipe import Recipe
 from fpt_deploy.taskspec import TaskOption, TaskSpec, parse_task_options
 
 __all__ = ["Task", "TaskData", "TaskOption", "TaskSpec", "parse_options"]
@@ -32,6 +33,7 @@ class Task(ABC):
     name: str = ""
     description: str = ""
     declared_options: dict[str, TaskOption] = {}  # name -> type, default, help
+    recipe: Recipe | None = None  # recommended lr/epochs/steps/schedule, used where the user gives none
 
     def __init__(self, **options) -> None:
         """``options`` by name, as strings (``-o n=100``) or typed values (a checkpoint's JSON)."""

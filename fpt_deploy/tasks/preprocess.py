@@ -50,3 +50,43 @@ class TokenIds(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.long()
+
+
+class SequencePatches(nn.Module):
+    """float32 sequences (B, T, F) or (B, T) -> standardised patches (B, T/p, p*F).
+
+    ``mean`` and ``std`` are the training split's statistics, shaped (F,) (one per feature, pooled
+    over steps: time series) or (T, F) (one per step and feature: tabular rows).
+    """
+
+    def __init__(self, patch: int, mean: list, std: list) -> None:
+        super().__init__()
+        self.patch = patch
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.dim() == 2:
+            x = x.unsqueeze(-1)  # (B, T, 1)
+        x = (x - self.mean) / self.std  # (B, T, F)
+        B, T, F = x.shape
+        return x.reshape(B, T // self.patch, self.patch * F)
+
+
+class PaddedTokenIds(nn.Module):
+    """int64 ids (B, T) padded with ``pad_id`` -> ids padded with 0, the id the input head masks.
+
+    Ids 0 and ``pad_id`` swap places: a bijection, so the learned embedding table loses nothing.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.long()
+        if self.pad_id == 0:
+            return x
+        pad, zero = x == self.pad_id, x == 0
+        return torch.where(pad, torch.zeros_like(x), torch.where(zero, torch.full_like(x, self.pad_id), x))

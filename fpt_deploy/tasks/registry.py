@@ -1,24 +1,122 @@
-"""Task registry: a name maps to a ``Task`` subclass. Adding a task is one new module."""
+"""Task registry: a name maps to a ``Task`` subclass, found through entry points.
+
+Every task, built-in or not, is an entry point of the group ``fpt_deploy.tasks``: fpt-deploy declares
+its own in pyproject.toml, and a plug-in package declares its tasks the same way::
+
+    [project.entry-points."fpt_deploy.tasks"]
+    my-task = "my_package.tasks:MyTask"      # a Task subclass whose ``name`` is "my-task"
+
+``register_task`` (a class decorator) registers a class in code as well, for scripts and tests.
+A task that is not registered but comes with a declaration (``kind``/``file`` options, or the frozen
+declaration a checkpoint stores) is a declared task (``fpt_deploy.tasks.declared``).
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+from dataclasses import dataclass
+
 from fpt_deploy.errors import UnknownNameError
+from fpt_deploy.plugins import group_entry_points, origin_of
 
-_REGISTRY: dict[str, type] = {}
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "fpt_deploy.tasks"
+# Imported when fpt-deploy's own entry points are missing (a source tree used without installing it).
+_BUILTIN_MODULES = ("bits", "images", "listops", "declared")
+_DECLARATION_KEYS = ("kind", "file", "fitted")
 
 
-def register_task(cls):
+@dataclass(frozen=True, kw_only=True)
+class TaskEntry:
+    name: str
+    task: type  # a Task subclass
+    origin: str  # where it came from: "fpt-deploy 0.1.0", "my-plugin 1.2 (plug-in)", "registered in code (...)"
+
+
+_REGISTRY: dict[str, TaskEntry] = {}
+_BROKEN: dict[str, str] = {}  # entry-point name -> why it could not be loaded
+_entry_points_loaded = False
+
+
+def register_task(cls=None, *, origin: str | None = None):
     """Class decorator: register a ``Task`` subclass under its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
+
+    def wrap(cls):
+        _REGISTRY[cls.name] = TaskEntry(
+            name=cls.name, task=cls, origin=origin or f"registered in code ({cls.__module__})"
+        )
+        return cls
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from fpt_deploy.tasks.base import Task
+
+    own = False
+    for ep, dist in group_entry_points(ENTRY_POINT_GROUP):
+        origin, is_own = origin_of(dist)
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not take the other tasks down
+            _BROKEN[ep.name] = f"entry point {ep.value!r} of {origin} failed to load: {type(e).__name__}: {e}"
+            log.warning("task plug-in %s: %s", ep.name, _BROKEN[ep.name])
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != ep.name:
+            _BROKEN[ep.name] = f"entry point {ep.value!r} of {origin} is not a Task subclass named {ep.name!r}"
+            log.warning("task plug-in %s: %s", ep.name, _BROKEN[ep.name])
+            continue
+        own = own or is_own
+        _REGISTRY[ep.name] = TaskEntry(name=ep.name, task=cls, origin=origin)
+    if not own:
+        log.debug("fpt-deploy's task entry points are missing (not installed?); importing the built-in tasks")
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(f"fpt_deploy.tasks.{module}")
+
+
+def list_task_entries() -> list[TaskEntry]:
+    """Every registered task with where it came from, sorted by name."""
+    _load_entry_points()
+    return sorted(_REGISTRY.values(), key=lambda e: e.name)
 
 
 def list_tasks() -> list[type]:
-    return list(_REGISTRY.values())
+    return [e.task for e in list_task_entries()]
 
 
-def get_task(name: str, **options):
-    """An instance of the task ``name`` with its options set."""
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown task {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
+def is_registered(name: str) -> bool:
+    _load_entry_points()
+    return name in _REGISTRY
+
+
+def get_task(name: str, /, *, max_positions: int | None = None, **options):
+    """An instance of the task ``name`` with its options set.
+
+    ``max_positions`` (the backbone's) lets a declared task refuse, before training, more tokens than
+    the backbone has positions.
+    """
+    _load_entry_points()
+    from fpt_deploy.tasks.declared import DeclaredTask
+
+    if name in _REGISTRY:
+        cls = _REGISTRY[name].task
+    elif any(k in options for k in _DECLARATION_KEYS):
+        cls = DeclaredTask
+        if "file" not in options:
+            options.setdefault("name", name)
+    elif name in _BROKEN:
+        raise UnknownNameError(f"task {name!r} is unavailable: {_BROKEN[name]}")
+    else:
+        raise UnknownNameError(
+            f"unknown task {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
+            "or declare your own with --task-file FILE.toml (docs/declared-tasks.md)"
+        )
+    if issubclass(cls, DeclaredTask):
+        return cls(max_positions=max_positions, **options)
+    return cls(**options)
