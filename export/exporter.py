@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from fpt_deploy.export.config import ExportConfig
 from fpt_deploy.export.graphs import TaskGraphs, task_norms, write_backbone_graph, write_task_graphs
+from fpt_deploy.export.heads import check_shared_heads, ensure_head_graphs, write_task_rows
 from fpt_deploy.export.quantize import METHOD, QuantizationAccuracyError, check_accuracy_drop, quantize_backbone_int8
 from fpt_deploy.export.validate import OrtTask, accuracy, check_backbone, check_mixed_batch, check_task, ort_session
 
@@ -35,6 +36,7 @@ from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
     OUTPUT_HEAD_OUTPUT,
     BackboneArtifact,
+    HeadsArtifact,
     Repository,
     TaskArtifact,
     backbone_dir,
@@ -50,6 +52,7 @@ from fpt_deploy.errors import ArtifactError, DataUnavailableError
 log = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
+HEAD_ROWS_FILE = "heads.npz"  # the task's rows of its shape's shared head tables (export/heads.py)
 FP32, INT8 = "fp32", "int8"
 CALIBRATION_ROWS = 256  # held-out rows a task lends to the int8 variant's SmoothQuant ranges
 
@@ -103,7 +106,12 @@ def export_task(config: ExportConfig) -> ExportResult:
             sessions[fp] = ort_session(artifact.path(repo.root, FP32))
         data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
         raw = data[task.name].inputs[: config.validation_rows]
-        export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config)
+        with repository_lock(repo.root):
+            _reread_manifest(repo)
+            heads, written = ensure_head_graphs(repo, model, config.opset)
+            if written:  # listed at once, like the backbone: tasks of this shape exported elsewhere reuse it
+                repo.save_manifest()
+        export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config, heads)
         result.tasks[task.name] = export
     with repository_lock(repo.root):  # other exports may have listed their tasks since this one began
         _reread_manifest(repo, result.tasks)
@@ -112,6 +120,7 @@ def export_task(config: ExportConfig) -> ExportResult:
             if len(ort_tasks) > 1:
                 result.mixed_batch_diff[fp] = check_mixed_batch(ort_tasks, backbone, config.atol)
         repo.save_manifest()
+    _say_old_format_tasks(repo)
     log.info(
         "manifest %s lists %d task(s) on %d backbone(s)",
         repo.root / "manifest.json",
@@ -138,6 +147,20 @@ def _reread_manifest(repo: Repository, ours: dict[str, TaskExport] | None = None
     current = open_repository(repo.root, create=True)
     repo.backbones = current.backbones
     repo.tasks = current.tasks | {name: export.artifact for name, export in (ours or {}).items()}
+    repo.heads = current.heads
+
+
+def _say_old_format_tasks(repo: Repository) -> None:
+    """Name the tasks of an earlier format: served, but with two head sessions each instead of table rows."""
+    old = sorted(name for name, t in repo.tasks.items() if not t.heads)
+    if old:
+        log.warning(
+            "%d task(s) of %s are in the format /1 (%s): they are served with their own head sessions; "
+            "re-export them (`fpt-deploy export --task ...`) so they share head graphs",
+            len(old),
+            repo.root,
+            ", ".join(old[:10]) + (", ..." if len(old) > 10 else ""),
+        )
 
 
 def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) -> tuple[BackboneArtifact, bool]:
@@ -186,17 +209,30 @@ def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) 
 
 
 def write_task(
-    repo: Repository, model, task, ckpt: dict, checkpoint: Path, backbone, raw: np.ndarray, config: ExportConfig
+    repo: Repository,
+    model,
+    task,
+    ckpt: dict,
+    checkpoint: Path,
+    backbone,
+    raw: np.ndarray,
+    config: ExportConfig,
+    heads: HeadsArtifact,
 ) -> TaskExport:
-    """Stage, validate and swap in one task's folder (heads, norms, task.json)."""
+    """Stage, validate and swap in one task's folder (heads, rows of the shared heads, norms, task.json)."""
     rel = task_dir(task.name)
     stage = Path(tempfile.mkdtemp(dir=_ensure_dir(repo.root / "tasks"), prefix=f".{task.name}.", suffix=".stage"))
     try:
         graphs = write_task_graphs(model, stage, config.opset)
         ort_task = OrtTask.load(graphs.input, graphs.output, task_norms(model))
         diff = check_task(task.name, model, ort_task, backbone, raw, config.atol)
+        write_task_rows(model, stage / HEAD_ROWS_FILE)
+        diff = max(diff, check_shared_heads(task.name, model, heads, repo.root, backbone, raw, config.atol))
         artifact = _task_artifact(task, ckpt, checkpoint, graphs, rel, diff, len(raw), config.opset)
-        size = sum(p.stat().st_size for p in (graphs.input, graphs.output, graphs.norms))
+        artifact.heads = heads.key
+        artifact.files["heads"] = f"{rel}/{HEAD_ROWS_FILE}"
+        artifact.sha256["heads"] = sha256_file(stage / HEAD_ROWS_FILE)
+        size = sum(p.stat().st_size for p in (graphs.input, graphs.output, graphs.norms, stage / HEAD_ROWS_FILE))
         written = not _same_task_in_place(repo.root, artifact)
         if written:
             (stage / TASK_FILE).write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")

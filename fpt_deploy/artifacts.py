@@ -6,6 +6,9 @@ Layout (docs/architecture.md, "Deployment repository")::
     manifest.json                       backbones by fingerprint, tasks by name
     backbones/<fp16>/backbone.onnx      the frozen body, once per fingerprint
     backbones/<fp16>/backbone.int8.onnx optional variants (quantized, ...)
+    heads/<key>/input.onnx              shared by every task of one head shape (format /2, export/heads.py):
+    heads/<key>/output.onnx               the task's weights are inputs, gathered by task_index
+    tasks/<task>/heads.npz              the task's rows of its shape's head tables (format /2)
     tasks/<task>/input.onnx             raw input -> hidden (B, L, D), attention_mask (B, L)
     tasks/<task>/output.onnx            last_hidden, attention_mask -> logits
     tasks/<task>/norms.npz              norm_weight, norm_bias (N_norm, D) float32
@@ -30,8 +33,12 @@ from fpt_deploy.atomic import write_text
 from fpt_deploy.errors import ArtifactError, ConfigError, FingerprintMismatchError, UnknownNameError
 from fpt_deploy.taskspec import TaskSpec
 
-REPOSITORY_FORMAT = "fpt-deploy-repository/1"
-TASK_FORMAT = "fpt-deploy-task/1"
+REPOSITORY_FORMAT = "fpt-deploy-repository/2"
+TASK_FORMAT = "fpt-deploy-task/2"
+# Formats this version reads. /1 tasks have no shared head graphs: a server runs their own
+# input.onnx / output.onnx (two sessions a task); re-exporting upgrades them to /2.
+READABLE_REPOSITORY_FORMATS = ("fpt-deploy-repository/1", REPOSITORY_FORMAT)
+READABLE_TASK_FORMATS = ("fpt-deploy-task/1", TASK_FORMAT)
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # taken by every writer of the manifest (``repository_lock``)
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another one to finish
@@ -47,6 +54,8 @@ OUTPUT_HEAD_OUTPUT = "logits"
 # inputs hidden, attention_mask, task_index (B,) int64, norm_table_weight/bias (T, N_norm, D).
 TASK_INDEX_INPUT = "task_index"
 NORM_TABLE_INPUTS = ("norm_table_weight", "norm_table_bias")
+# Shared head graphs take the row's task index among the tables of their shape (export/heads.py).
+HEAD_TASK_INDEX = TASK_INDEX_INPUT
 
 
 def sha256_file(path: Path) -> str:
@@ -63,6 +72,16 @@ def backbone_dir(fingerprint: str) -> str:
 
 def task_dir(task: str) -> str:
     return f"tasks/{task}"
+
+
+def heads_dir(key: str) -> str:
+    return f"heads/{key}"
+
+
+def write_head_rows(path: Path, rows: dict[str, np.ndarray]) -> None:
+    """A task's ``heads.npz``: its rows of the head tables, one float32 array per table name."""
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
+        np.savez(f, **{name: np.ascontiguousarray(a, dtype=np.float32) for name, a in rows.items()})
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -115,6 +134,20 @@ class BackboneArtifact:
 
 
 @dataclass(kw_only=True)
+class HeadsArtifact:
+    """The shared input and output graphs of one head shape (``heads/<key>/``, export/heads.py)."""
+
+    key: str
+    files: dict[str, str]  # "input", "output" -> path relative to the repository
+    sha256: dict[str, str]
+    signature: dict = field(default_factory=dict)  # what shapes the graphs (for people reading the manifest)
+
+    def paths(self, root: Path) -> tuple[Path, Path]:
+        """The verified (input, output) graph files."""
+        return tuple(verify_file(root, self.files[k], self.sha256[k]) for k in ("input", "output"))
+
+
+@dataclass(kw_only=True)
 class TaskArtifact:
     """One exported task: its spec, what a client sends and gets back, its files (``task.json``)."""
 
@@ -124,16 +157,17 @@ class TaskArtifact:
     input: dict  # {"name", "shape" (with -1 batch), "dtype"}: what a client sends
     output: dict  # {"name", "shape", "dtype"}: what it gets back
     labels: list[str]
-    files: dict[str, str]  # "input", "output", "norms" -> path relative to the repository
+    files: dict[str, str]  # "input", "output", "norms", "heads" -> path relative to the repository
     sha256: dict[str, str]
     metrics: dict = field(default_factory=dict)
+    heads: str = ""  # key of the shared head graphs (format /2); "" for a /1 task with its own graphs
 
     def to_json(self) -> dict:
         return {"format": TASK_FORMAT, **self.__dict__, "spec": self.spec.to_json()}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> TaskArtifact:
-        if data.get("format") != TASK_FORMAT:
+        if data.get("format") not in READABLE_TASK_FORMATS:
             raise ArtifactError(f"{where} is not an fpt-deploy task file (format {data.get('format')!r})")
         values = {k: v for k, v in data.items() if k != "format"}
         try:
@@ -152,6 +186,15 @@ class TaskArtifact:
         except (OSError, ValueError, KeyError) as e:
             raise ArtifactError(f"{path} is not a valid norms file ({e}); re-run `fpt-deploy export`") from e
 
+    def load_head_rows(self, root: Path) -> dict[str, np.ndarray]:
+        """The task's rows of its head shape's tables (``heads.npz``), by table name."""
+        path = verify_file(root, self.files["heads"], self.sha256["heads"])
+        try:
+            with np.load(path) as z:
+                return {name: z[name].astype(np.float32) for name in z.files}
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a valid heads file ({e}); re-run `fpt-deploy export`") from e
+
 
 @dataclass(kw_only=True)
 class Repository:
@@ -160,6 +203,7 @@ class Repository:
     root: Path
     backbones: dict[str, BackboneArtifact] = field(default_factory=dict)  # by fingerprint
     tasks: dict[str, TaskArtifact] = field(default_factory=dict)  # by name
+    heads: dict[str, HeadsArtifact] = field(default_factory=dict)  # shared head graphs by key
 
     def task(self, name: str) -> TaskArtifact:
         if name not in self.tasks:
@@ -212,6 +256,7 @@ class Repository:
                 name: {"file": f"{task_dir(name)}/task.json", "fingerprint": t.fingerprint}
                 for name, t in self.tasks.items()
             },
+            "heads": {key: {k: v for k, v in h.__dict__.items() if k != "key"} for key, h in self.heads.items()},
         }
 
     def save_manifest(self) -> None:
@@ -230,17 +275,21 @@ def open_repository(root: str | Path, *, create: bool = False) -> Repository:
             return Repository(root=root)
         raise ArtifactError(f"{root} is not a deployment repository (no {MANIFEST}); run `fpt-deploy export` first")
     manifest = read_json(root / MANIFEST, "manifest")
-    if manifest.get("format") != REPOSITORY_FORMAT:
-        raise ArtifactError(f"{root / MANIFEST} has format {manifest.get('format')!r}, not {REPOSITORY_FORMAT}")
+    if manifest.get("format") not in READABLE_REPOSITORY_FORMATS:
+        raise ArtifactError(
+            f"{root / MANIFEST} has format {manifest.get('format')!r}; this version reads "
+            f"{', '.join(READABLE_REPOSITORY_FORMATS)}: upgrade fpt-deploy"
+        )
     try:
         backbones = {fp: BackboneArtifact(fingerprint=fp, **b) for fp, b in manifest["backbones"].items()}
+        heads = {key: HeadsArtifact(key=key, **h) for key, h in manifest.get("heads", {}).items()}  # /1: none
         tasks = {}
         for name, entry in manifest["tasks"].items():
             where = root / entry["file"]
             tasks[name] = TaskArtifact.from_json(read_json(where, "task file"), where)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{root / MANIFEST} is malformed ({e}); re-run `fpt-deploy export`") from e
-    return Repository(root=root, backbones=backbones, tasks=tasks)
+    return Repository(root=root, backbones=backbones, tasks=tasks, heads=heads)
 
 
 @contextmanager

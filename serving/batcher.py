@@ -1,8 +1,16 @@
 """A dynamic batcher for every task on one backbone, separate from what executes a batch.
 
-Requests of ANY task join one bounded queue. A worker thread takes a batch once ``max_batch_size``
-rows are waiting, or once the oldest request has waited ``max_queue_delay_ms`` (Triton's dynamic
-batcher policy), and hands it to ``execute`` (a ``MixedBatchExecutor``) off the event loop. A full
+Requests of ANY task join one bounded queue. A worker thread hands batches to ``execute`` (a
+``MixedBatchExecutor``) off the event loop. When to take a batch:
+
+- the server is idle (no batch ran within the last ``max_queue_delay_ms``): at once, so a lone
+  request never waits for company that is not coming (Triton runs an idle instance's request at once);
+- while there is work to join (a batch just ran): until as many rows are queued as the last batch
+  had (its clients are coming back), ``max_batch_size`` rows, or the oldest request has waited
+  ``max_queue_delay_ms``, whichever comes first.
+
+Each request is counted in and out of its task (``LoadedTask.begin_request``), which is how
+``ServingModel.remove_task`` knows when a task's queued and running work has drained. A full
 queue refuses new requests at once (``QueueFullError``, HTTP 503) instead of letting latency grow.
 """
 
@@ -44,6 +52,8 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._last_batch_rows = 0  # rows of the batch that ran last
+        self._last_batch_end = float("-inf")  # when it finished (perf_counter)
         self._worker = threading.Thread(target=self._loop, name="fpt-batcher", daemon=True)
         self._worker.start()
 
@@ -63,6 +73,8 @@ class DynamicBatcher:
                 raise QueueFullError(
                     f"the queue is full ({self._queued_rows} rows waiting, limit {self.max_queue_rows}); retry later"
                 )
+            task.begin_request()  # refused while the task is being unloaded
+            request.future.add_done_callback(task.end_request)
             self._queue.append(request)
             self._queued_rows += request.rows
             if self.metrics is not None:
@@ -82,7 +94,9 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             deadline = self._queue[0].enqueued + self.max_queue_delay
-            while self._queued_rows < self.max_batch_size and not self._closed:
+            busy = time.perf_counter() - self._last_batch_end < self.max_queue_delay  # work to join
+            wanted = min(self.max_batch_size, self._last_batch_rows) if busy else 1
+            while self._queued_rows < wanted and not self._closed:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -115,6 +129,9 @@ class DynamicBatcher:
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e)
+            with self._cond:
+                self._last_batch_rows = sum(r.rows for r in batch)
+                self._last_batch_end = time.perf_counter()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish every queued one, and stop the worker."""

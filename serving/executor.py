@@ -1,8 +1,9 @@
-"""Runs one mixed-task batch: input heads per task, one backbone call, output heads per task.
+"""Runs one mixed-task batch: input heads per head shape, one backbone call, output heads per shape.
 
-    requests ──► group by task ──► input head per task (all its rows at once)
+    requests ──► group by head shape ──► ONE input-head call a shape (every task of it; each row
+                                          gathers its task's weights by slot)
              ──► rows grouped by length, padded with the attention mask ──► ONE backbone call a group
-             ──► rows back to their task's output head ──► sliced back to their requests
+             ──► rows back to their shape's output head (one call a shape) ──► sliced back to requests
 
 Rows of the same length (every MNIST-shaped task, say) always share one backbone call. Rows of
 different lengths are padded into one call while the padding stays within ``pad_tolerance`` of the
@@ -51,10 +52,12 @@ class InferenceResult:
 
 @dataclass
 class _Segment:
-    """All rows of one task in a batch."""
+    """All rows of one head shape in a batch (any number of its tasks)."""
 
-    task: LoadedTask
+    heads: object  # serving.heads.SharedHeads | OwnHeads
     requests: list[InferenceRequest]
+    slots: np.ndarray  # (n,) int64: each row's slot in the shape's head tables
+    task_index: np.ndarray  # (n,) int64: each row's task in the backbone's norm tables
     hidden: np.ndarray  # (n, L, D)
     mask: np.ndarray  # (n, L) int64
     start: int  # first row in the batch's row order
@@ -134,22 +137,24 @@ class MixedBatchExecutor:
     def run(self, batch: list[InferenceRequest]) -> list[InferenceResult]:
         """Results in the order of ``batch``; raises on any failure (``__call__`` isolates it)."""
         t0 = time.perf_counter()
-        by_task: dict[str, list[InferenceRequest]] = {}
+        by_shape: dict[int, list[InferenceRequest]] = {}
         for request in batch:
-            by_task.setdefault(request.task.name, []).append(request)
+            by_shape.setdefault(id(request.task.heads), []).append(request)
         segments, start = [], 0
-        for requests in by_task.values():
-            task = requests[0].task
+        for requests in by_shape.values():
+            heads = requests[0].task.heads
             raw = requests[0].inputs if len(requests) == 1 else np.concatenate([r.inputs for r in requests])
-            hidden, mask = task.run_input_head(raw)  # (n, L, D), (n, L)
-            segments.append(_Segment(task, requests, hidden, mask, start))
+            slots = np.concatenate([np.full(r.rows, r.task.slot, np.int64) for r in requests])  # (n,)
+            task_index = np.concatenate([np.full(r.rows, r.task.index, np.int64) for r in requests])  # (n,)
+            hidden, mask = heads.run_input(raw, slots)  # (n, L, D), (n, L)
+            segments.append(_Segment(heads, requests, slots, task_index, hidden, mask, start))
             start += hidden.shape[0]
         t0 = self._timed("input_head", t0)
         last = self._run_backbone(segments)
         t0 = self._timed("backbone", t0)
         results: dict[int, InferenceResult] = {}
         for seg, last_hidden in zip(segments, last, strict=True):
-            logits = seg.task.run_output_head(last_hidden, seg.mask)  # (n, *logits_shape)
+            logits = seg.heads.run_output(last_hidden, seg.mask, seg.slots)  # (n, *logits_shape)
             probabilities = softmax(logits.astype(np.float32, copy=True))
             labels = logits.argmax(axis=-1).astype(np.int64)
             offset = 0
@@ -163,13 +168,13 @@ class MixedBatchExecutor:
     def _run_backbone(self, segments: list[_Segment]) -> list[np.ndarray]:
         """Each segment's last_hidden, (n, L_task, D), from as few backbone calls as the padding allows."""
         lengths = np.concatenate([real_lengths(s.mask) for s in segments])  # (rows,)
-        task_index = np.concatenate([np.full(s.hidden.shape[0], s.task.index, np.int64) for s in segments])
+        task_index = segments[0].task_index if len(segments) == 1 else np.concatenate([s.task_index for s in segments])
         full = {s.hidden.shape[1] for s in segments}
         if len(full) == 1 and (lengths == next(iter(full))).all():
             # The common case: every row has the same length. One call, no padding, no reordering.
             hidden = segments[0].hidden if len(segments) == 1 else np.concatenate([s.hidden for s in segments])
             mask = segments[0].mask if len(segments) == 1 else np.concatenate([s.mask for s in segments])
-            out = self._call(hidden, mask, task_index, len(segments), int(lengths.sum()))
+            out = self._call(hidden, mask, task_index, int(lengths.sum()))
             return [out[s.start : s.start + s.hidden.shape[0]] for s in segments]
         seg_of_row = np.concatenate([np.full(s.hidden.shape[0], i) for i, s in enumerate(segments)])
         outs = [np.zeros_like(s.hidden) for s in segments]
@@ -186,13 +191,14 @@ class MixedBatchExecutor:
                 hidden[dst, :k] = s.hidden[src, :k]
                 mask[dst, :k] = s.mask[src, :k]
                 placed.append((i, dst, src, k))
-            out = self._call(hidden, mask, task_index[rows], len(placed), int(lengths[rows].sum()))
+            out = self._call(hidden, mask, task_index[rows], int(lengths[rows].sum()))
             for i, dst, src, k in placed:
                 outs[i][src, :k] = out[dst, :k]
         return outs
 
-    def _call(self, hidden, mask, task_index, tasks: int, real_tokens: int) -> np.ndarray:
+    def _call(self, hidden, mask, task_index, real_tokens: int) -> np.ndarray:
         out = self.runtime.run_backbone(hidden, mask, task_index)
         if self.metrics is not None:
+            tasks = len(np.unique(task_index))
             self.metrics.observe_backbone_call(hidden.shape[0], tasks, hidden.shape[0] * hidden.shape[1], real_tokens)
         return out

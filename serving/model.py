@@ -1,41 +1,45 @@
-"""A deployment repository loaded for serving: one backbone runtime, the norm tables, every task's heads.
+"""A deployment repository loaded for serving: one backbone runtime, norm tables, head tables by shape.
 
-Loading happens once. Each task then costs two one-thread head sessions and one row in each norm
-table (T, N_norm, D); nothing per request grows with the number of loaded tasks.
+A task is rows, not sessions: one row in each norm table (T, N_norm, D) that the backbone runtime
+gathers by task index, and one row in each table of its head shape (``serving.heads.SharedHeads``:
+two sessions per shape, whatever the number of tasks). ``ServingModel.add_task`` is the one way a
+task is loaded, at start-up and while serving; ``remove_task`` stops its requests, waits for the
+queued and running ones to finish, and frees its rows. A task of format /1 brings its own two head
+sessions (``serving.heads.OwnHeads``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from fpt_deploy.serving.config import RuntimeConfig
 from fpt_deploy.serving.errors import InvalidInputError
+from fpt_deploy.serving.heads import OwnHeads, RowTables, SharedHeads
 from fpt_deploy.serving.protocol import triton_dtype
 from fpt_deploy.serving.runtimes import Runtime, runtime_class
-from fpt_deploy.serving.runtimes.sessions import create_head_session
 
 from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
-    INPUT_HEAD_OUTPUTS,
-    OUTPUT_HEAD_INPUTS,
     OUTPUT_HEAD_OUTPUT,
-    BackboneArtifact,
-    Repository,
     TaskArtifact,
     open_repository,
     verify_file,
 )
-from fpt_deploy.errors import ArtifactError, FingerprintMismatchError
+from fpt_deploy.errors import ArtifactError, ConfigError, FingerprintMismatchError, UnknownNameError
 
 log = logging.getLogger(__name__)
 
+NORM_TABLES = ("weight", "bias")  # the norm RowTables' names, each (T, N_norm, D)
 
-@dataclass
+
+@dataclass(eq=False)
 class LoadedTask:
-    """One task's per-process state: its heads, its row in the norm tables, and its I/O contract."""
+    """One task's per-process state: its rows (norms, heads), its I/O contract, its requests in flight."""
 
     name: str
     index: int  # row of this task in the runtime's norm tables
@@ -46,16 +50,38 @@ class LoadedTask:
     logits_shape: tuple[int, ...]  # logits of one example
     vocab_size: int  # > 0: the input holds token ids in [0, vocab_size)
     labels: list[str]
-    input_session: object  # onnxruntime.InferenceSession: raw -> hidden, attention_mask
-    output_session: object  # onnxruntime.InferenceSession: last_hidden, attention_mask -> logits
+    heads: SharedHeads | OwnHeads  # the sessions that run this task's heads
+    slot: int  # row of this task in its heads' tables
+    pending: int = 0  # requests queued or running
+    unloading: bool = False  # remove_task began: no new requests
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def run_input_head(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        hidden, mask = self.input_session.run(list(INPUT_HEAD_OUTPUTS), {INPUT_HEAD_INPUT: raw})
-        return hidden, mask  # (n, L, D) float32, (n, L) int64
+        """(n, L, D) float32, (n, L) int64: this task alone (the executor batches tasks of a shape)."""
+        return self.heads.run_input(raw, np.full(len(raw), self.slot, np.int64))
 
     def run_output_head(self, last_hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(OUTPUT_HEAD_INPUTS, (last_hidden, attention_mask), strict=True))
-        return self.output_session.run([OUTPUT_HEAD_OUTPUT], feeds)[0]  # (n, *logits_shape)
+        return self.heads.run_output(last_hidden, attention_mask, np.full(len(last_hidden), self.slot, np.int64))
+
+    def begin_request(self) -> None:
+        """Count a request in (the batcher calls this on submit); refused once the task is unloading."""
+        with self._cond:
+            if self.unloading:
+                raise UnknownNameError(f"model {self.name!r} is being unloaded and takes no new requests")
+            self.pending += 1
+
+    def end_request(self, _future=None) -> None:
+        """Count a request out (its future is done: answered, failed or cancelled)."""
+        with self._cond:
+            self.pending -= 1
+            if self.pending == 0:
+                self._cond.notify_all()
+
+    def drain(self, timeout: float | None) -> bool:
+        """Refuse new requests and wait until none is queued or running; False when ``timeout`` passed first."""
+        with self._cond:
+            self.unloading = True
+            return self._cond.wait_for(lambda: self.pending == 0, timeout)
 
     def describe_input(self) -> str:
         return f"{triton_dtype(self.input_dtype)} [-1, {', '.join(map(str, self.example_shape))}]"
@@ -96,37 +122,6 @@ class LoadedTask:
         return array
 
 
-def _load_task(repo: Repository, art: TaskArtifact, index: int, backbone: BackboneArtifact) -> tuple:
-    root = repo.root
-    if art.fingerprint != backbone.fingerprint:
-        raise FingerprintMismatchError(
-            f"task {art.name!r} was trained on backbone {art.fingerprint[:16]}, "
-            f"not the served {backbone.fingerprint[:16]}; re-export it"
-        )
-    weight, bias = art.load_norms(root)
-    expected = (backbone.num_norms, backbone.hidden_size)
-    if weight.shape != expected or bias.shape != expected:
-        raise ArtifactError(f"norms of task {art.name!r} have shape {weight.shape}, the backbone needs {expected}")
-    try:
-        input_dtype = np.dtype(art.input["dtype"])
-    except TypeError as e:
-        raise ArtifactError(f"task {art.name!r} declares an unknown input dtype {art.input.get('dtype')!r}") from e
-    task = LoadedTask(
-        name=art.name,
-        index=index,
-        input_name=art.input.get("name", INPUT_HEAD_INPUT),
-        input_dtype=input_dtype,
-        example_shape=tuple(int(s) for s in art.input["shape"][1:]),
-        output_name=art.output.get("name", OUTPUT_HEAD_OUTPUT),
-        logits_shape=art.spec.logits_shape,
-        vocab_size=art.spec.vocab_size,
-        labels=list(art.labels),
-        input_session=create_head_session(verify_file(root, art.files["input"], art.sha256["input"])),
-        output_session=create_head_session(verify_file(root, art.files["output"], art.sha256["output"])),
-    )
-    return task, weight, bias
-
-
 class ServingModel:
     """Every task of a repository (or the ``tasks`` named) around one shared backbone runtime."""
 
@@ -143,36 +138,148 @@ class ServingModel:
             if not wanted:
                 raise ArtifactError(f"{repo.root} holds no task on backbone {self.backbone.fingerprint[:16]}")
         self.repository = repo
+        self.config = config
         self.tasks: dict[str, LoadedTask] = {}
-        weights, biases = [], []
-        for index, name in enumerate(wanted):
-            task, w, b = _load_task(repo, repo.tasks[name], index, self.backbone)
-            self.tasks[name] = task
-            weights.append(w)
-            biases.append(b)
+        self.heads: dict[str, SharedHeads | OwnHeads] = {}  # by head-shape key ("task:<name>" for format /1)
+        norm_row = (self.backbone.num_norms, self.backbone.hidden_size)
+        self._norms = RowTables(dict.fromkeys(NORM_TABLES, norm_row), capacity=len(wanted))
+        self._shape_counts = Counter(repo.tasks[t].heads for t in wanted if repo.tasks[t].heads)  # table sizes
+        self._lock = threading.RLock()  # add_task / remove_task, one at a time
+        self.runtime: Runtime | None = None
+        for name in wanted:
+            self._load(repo.tasks[name])
         runtime = runtime_class(config.runtime)
         backbone_file = (
             Path(config.engine)
             if config.engine
             else runtime.backbone_file(self.backbone, repo.root, config.backbone_variant)
         )
-        self.runtime: Runtime = runtime(backbone_file, np.stack(weights), np.stack(biases), threads=config.threads)
+        tables = self._norms.arrays
+        self.runtime = runtime(backbone_file, tables["weight"], tables["bias"], threads=config.threads)
+        try:  # an engine built for smaller batches, shorter rows or fewer tasks is refused now, not per request
+            self.runtime.check_capacity(
+                max_batch_size=config.max_batch_size, seq_lens={t: repo.tasks[t].spec.seq_len for t in self.tasks}
+            )
+        except BaseException:
+            self.runtime.close()
+            raise
         self.variant = config.backbone_variant
+        shared = sum(1 for h in self.heads.values() if h.shared)
         log.info(
-            "loaded %d task(s) on backbone %s (%s, %s): %s",
+            "loaded %d task(s) on backbone %s (%s, %s): %d shared head shape(s), %d task(s) with their own heads",
             len(self.tasks),
             self.backbone.name,
             self.backbone.fingerprint[:16],
             config.runtime,
-            ", ".join(self.tasks),
+            shared,
+            len(self.heads) - shared,
         )
 
-    def task(self, name: str) -> LoadedTask:
-        from fpt_deploy.errors import UnknownNameError
+    # ------------------------------------------------------------------------------- loading tasks
 
-        if name not in self.tasks:
+    def add_task(self, name: str) -> LoadedTask:
+        """Load task ``name`` from the repository as it is on disk now: rows in its tables, no new session
+        unless its head shape is new here. The task serves from the next batch on."""
+        with self._lock:
+            if name in self.tasks:
+                raise ConfigError(f"model {name!r} is already loaded; unload it first to load another version")
+            repo = open_repository(self.repository.root)  # exports since start-up are visible
+            art = repo.task(name)
+            self.repository = repo
+            task = self._load(art)
+            self._publish_norms()
+            log.info("task %s loaded (norm row %d, head shape %s)", name, task.index, task.heads.key)
+            return task
+
+    def remove_task(self, name: str, timeout: float | None = 30.0) -> None:
+        """Unload ``name``: new requests are refused at once, queued and running ones finish, then its
+        rows are freed (and its head sessions, when it was the last task of its shape).
+
+        Raises ``TimeoutError`` (the task stays loaded but refuses requests) when they do not finish
+        within ``timeout`` seconds.
+        """
+        task = self.task(name)
+        if not task.drain(timeout):
+            raise TimeoutError(
+                f"model {name!r} still has {task.pending} request(s) after {timeout}s; it takes no new ones, "
+                "retry the unload later"
+            )
+        with self._lock:
+            if self.tasks.get(name) is not task:
+                return  # another remove_task finished it
+            del self.tasks[name]
+            task.heads.remove(task.slot)
+            if task.heads.tasks == 0 or not task.heads.shared:
+                del self.heads[task.heads.key]
+            self._norms.free(task.index)
+            self._publish_norms()
+        log.info("task %s unloaded", name)
+
+    def _load(self, art: TaskArtifact) -> LoadedTask:
+        """Read ``art``'s files, take its rows (and sessions for a new shape), and list it in ``tasks``."""
+        root = self.repository.root
+        if art.fingerprint != self.backbone.fingerprint:
+            raise FingerprintMismatchError(
+                f"task {art.name!r} was trained on backbone {art.fingerprint[:16]}, "
+                f"not the served {self.backbone.fingerprint[:16]}; re-export it"
+            )
+        weight, bias = art.load_norms(root)
+        expected = (self.backbone.num_norms, self.backbone.hidden_size)
+        if weight.shape != expected or bias.shape != expected:
+            raise ArtifactError(f"norms of task {art.name!r} have shape {weight.shape}, the backbone needs {expected}")
+        try:
+            input_dtype = np.dtype(art.input["dtype"])
+        except TypeError as e:
+            raise ArtifactError(f"task {art.name!r} declares an unknown input dtype {art.input.get('dtype')!r}") from e
+        heads, rows = self._heads_for(art)
+        slot = heads.add(rows, f"task {art.name!r}")
+        task = LoadedTask(
+            name=art.name,
+            index=self._norms.add({"weight": weight, "bias": bias}, f"task {art.name!r}"),
+            input_name=art.input.get("name", INPUT_HEAD_INPUT),
+            input_dtype=input_dtype,
+            example_shape=tuple(int(s) for s in art.input["shape"][1:]),
+            output_name=art.output.get("name", OUTPUT_HEAD_OUTPUT),
+            logits_shape=art.spec.logits_shape,
+            vocab_size=art.spec.vocab_size,
+            labels=list(art.labels),
+            heads=heads,
+            slot=slot,
+        )
+        self.tasks[art.name] = task
+        return task
+
+    def _heads_for(self, art: TaskArtifact) -> tuple[SharedHeads | OwnHeads, dict[str, np.ndarray]]:
+        """The sessions that run ``art``'s heads (made for its shape's first task) and its rows of them."""
+        root = self.repository.root
+        if not art.heads:  # format /1: the task's own graphs
+            paths = [verify_file(root, art.files[k], art.sha256[k]) for k in ("input", "output")]
+            heads = self.heads[f"task:{art.name}"] = OwnHeads(f"task:{art.name}", *paths)
+            return heads, {}
+        rows = art.load_head_rows(root)
+        if art.heads not in self.heads:
+            if art.heads not in self.repository.heads:
+                raise ArtifactError(
+                    f"task {art.name!r} uses head graphs {art.heads} that {root} does not list; "
+                    "re-run `fpt-deploy export`"
+                )
+            paths = self.repository.heads[art.heads].paths(root)
+            self.heads[art.heads] = SharedHeads(art.heads, *paths, capacity=self._shape_counts.get(art.heads, 1))
+        return self.heads[art.heads], rows
+
+    def _publish_norms(self) -> None:
+        """Hand the (possibly grown) norm tables to the runtime; a running batch keeps the ones it read."""
+        tables = self._norms.arrays
+        self.runtime.set_norm_tables(tables["weight"], tables["bias"])
+
+    # -------------------------------------------------------------------------------------- access
+
+    def task(self, name: str) -> LoadedTask:
+        task = self.tasks.get(name)
+        if task is None:
             raise UnknownNameError(f"model {name!r} is not served here; models: {', '.join(self.tasks)}")
-        return self.tasks[name]
+        return task
 
     def close(self) -> None:
-        self.runtime.close()
+        if self.runtime is not None:
+            self.runtime.close()
