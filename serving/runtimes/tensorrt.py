@@ -376,16 +376,20 @@ class EngineSession:
         out = np.empty((B, L, D), dtype=np.float32)
         with self._lock:
             self._ensure_open()
-            for name, array in inputs.items():
-                self._set_shape(name, array.shape)
-                self._cuda.to_device(self._buffers[name][0], array, self._stream)
-            shape = tuple(self.context.get_tensor_shape(BACKBONE_OUTPUT))
-            if shape != out.shape:
-                raise ArtifactError(f"{self._where} would write {BACKBONE_OUTPUT} of shape {shape}, not {out.shape}")
-            if not self.context.execute_async_v3(self._stream_handle()):
-                raise CudaError(f"TensorRT failed to run {self._where} (see the TensorRT errors logged above)")
-            self._cuda.to_host(out, self._buffers[BACKBONE_OUTPUT][0], self._stream)
-            self._cuda.synchronize(self._stream)  # ``out`` and the inputs' host memory are safe after this
+            try:
+                for name, array in inputs.items():
+                    self._set_shape(name, array.shape)
+                    self._cuda.to_device(self._buffers[name][0], array, self._stream)
+                shape = tuple(self.context.get_tensor_shape(BACKBONE_OUTPUT))
+                if shape != out.shape:
+                    raise ArtifactError(f"{self._where} would write {BACKBONE_OUTPUT} {shape}, not {out.shape}")
+                if not self.context.execute_async_v3(self._stream_handle()):
+                    raise CudaError(f"TensorRT failed to run {self._where} (see the TensorRT errors logged above)")
+                self._cuda.to_host(out, self._buffers[BACKBONE_OUTPUT][0], self._stream)
+            finally:
+                # Whatever was queued finishes before the lock is released: the host arrays and the device
+                # buffers it uses stay valid until then, even when this call failed half-way.
+                self._cuda.synchronize(self._stream)
         return out
 
     def _stream_handle(self) -> int:

@@ -393,3 +393,15 @@ def test_real_cuda_python_buffers_streams_and_frees_on_a_gpu(synthetic_repo, tmp
     )
     runtime.close()
     _assert_clean(recorder)
+
+
+def test_a_failed_launch_is_an_error_and_leaves_nothing_queued(engine_repo, cudart, monkeypatch):
+    from fpt_deploy.serving.runtimes.tensorrt import CudaError
+
+    runtime = _runtime(engine_repo)
+    monkeypatch.setattr(double.DoubleContext, "execute_async_v3", lambda self, stream: False)
+    with pytest.raises(CudaError, match="TensorRT failed to run"):
+        runtime.run_backbone(*_batch())
+    assert all(not work for work in cudart.streams.values())  # the inputs' copies finished before returning
+    runtime.close()
+    _assert_clean(cudart)
