@@ -86,6 +86,11 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    def is_full(self) -> bool:
+        """Whether a new request would be refused now (the server checks before reading its body)."""
+        rows_full = self.max_queue_rows is not None and self._queued_rows >= self.max_queue_rows
+        return rows_full or len(self._queue) >= self.max_queue_size
+
     def _take_batch(self) -> list[InferenceRequest] | None:
         """Block until a batch is due; None once closed and drained."""
         with self._cond:

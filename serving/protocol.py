@@ -336,7 +336,7 @@ def split_body(body: bytes | bytearray | memoryview, header_length: str | None) 
     view = memoryview(body)
     if header_length is None:
         return view, view[:0]
-    if not header_length.isdigit() or len(header_length) > 18:
+    if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 18:
         raise _bad(f"{HEADER_LENGTH} must be an integer (the JSON header's bytes), got {_short(header_length)}")
     n = int(header_length)
     if not 0 < n <= len(view):

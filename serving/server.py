@@ -47,7 +47,13 @@ from fastapi.routing import APIRoute
 from fpt_deploy.serving import extensions
 from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import ServeConfig
-from fpt_deploy.serving.errors import InvalidInputError, MalformedRequestError, RequestTooLargeError, ServerBusyError
+from fpt_deploy.serving.errors import (
+    InvalidInputError,
+    MalformedRequestError,
+    QueueFullError,
+    RequestTooLargeError,
+    ServerBusyError,
+)
 from fpt_deploy.serving.executor import InferenceResult, MixedBatchExecutor
 from fpt_deploy.serving.grpc_server import start_grpc_server
 from fpt_deploy.serving.http_limits import CLOSED_SCOPE_KEY, ConnectionLimits, limited_protocol
@@ -209,7 +215,7 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[b
     reserved = 0
     try:
         if declared is not None:
-            if not declared.isdigit() or len(declared) > 18:
+            if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
                 raise MalformedRequestError(f"Content-Length must be an integer, got {declared[:40]!r}")
             if int(declared) > limit:
                 raise RequestTooLargeError(f"the request body has {declared} bytes; the limit is {limit}")
@@ -353,6 +359,8 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
             if version != MODEL_VERSION:
                 raise UnknownNameError(f"model {name!r} has only version {MODEL_VERSION}, not {version[:40]!r}")
             contract = state.contract(task)
+            if state.batcher.is_full():  # refused before its body is read, as it would be after
+                raise QueueFullError(f"the queue is full ({state.batcher.queued} requests waiting); retry later")
             try:
                 body, reserved = await read_body(request, state.body_limit(contract), state.budget)
             except BaseException as e:

@@ -241,6 +241,7 @@ BAD_BODIES = [
     ("not-utf8", VEC, b'{"inputs": "\xff\xfe"}', {}, 400, "not valid JSON"),
     ("id-not-string", VEC, tensor_json(id=7), {}, 400, "'id' must be a string"),
     ("binary-header-garbage", VEC, GOOD, {"Inference-Header-Content-Length": "-5"}, 400, "must be an integer"),
+    ("binary-header-unicode-digit", VEC, GOOD, {"Inference-Header-Content-Length": "\u00b2"}, 400, "an integer"),
     ("binary-truncated", VEC, None, "binary-truncated", 400, "binary bytes for it"),
     ("binary-huge-zero-rows", VEC, None, "binary-huge", 400, "must have shape"),
     ("wrong-input-name", VEC, tensor_json(name="image"), {}, 400, "inputs[0].name: model 'vec' has one input"),
@@ -447,7 +448,7 @@ def test_queue_full_in_rows_answers_503_at_once(gated):
         gate.wait(0.01)
     refused = [client.post(VEC, content=full_batch) for _ in range(5)]
     assert [r.status_code for r in refused] == [503] * 5
-    assert "8 rows waiting, limit 8" in refused[0].json()["error"]
+    assert "the queue is full" in refused[0].json()["error"]
     gate.set()
     for t in [first, *waiting]:
         t.join(10)
