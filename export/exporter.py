@@ -47,7 +47,7 @@ from fpt_deploy.artifacts import (
     verify_file,
 )
 from fpt_deploy.atomic import replace_dir, write_with
-from fpt_deploy.errors import ArtifactError, DataUnavailableError
+from fpt_deploy.errors import ArtifactError, DataUnavailableError, ExportUnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def export_task(config: ExportConfig) -> ExportResult:
     loaded = []
     for i, path in enumerate(config.checkpoint_paths()):
         model, task, ckpt = load_checkpoint(path)
+        if blockers := model.export_blockers():
+            raise ExportUnsupportedError(f"checkpoint {path} cannot be exported: {'; '.join(blockers)}")
         if config.tasks and task.name != config.tasks[i]:
             log.warning(
                 "checkpoint %s holds task %r, not %r; exporting it as %r", path, task.name, config.tasks[i], task.name

@@ -2,8 +2,12 @@
 
 Layout of a checkpoint folder::
 
-    config.json          format, task name + options + spec, backbone name + fingerprint, metrics
-    trainable.safetensors  exactly FPT.trainable_state()
+    config.json          format, task name + options + spec, backbone name + fingerprint, metrics,
+                         the model options (``"model"``: trained groups, head layers, dropout)
+    trainable.safetensors  exactly FPT.trainable_state(): the task's tensors, plus the body's when it trained
+
+A run that trained body weights (``--train all``) records the fingerprint of the body it ended with
+(``fingerprint``) and of the body it started from (``base_fingerprint``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def save_checkpoint(
         "spec": task.spec.to_json(),
         "backbone": backbone,
         "fingerprint": model.body.fingerprint(),
+        "model": model.options.to_json(),
+        **({"base_fingerprint": model.base_fingerprint} if model.options.trains_body else {}),
         "metrics": metrics,
         **(extra or {}),
     }
@@ -88,19 +94,21 @@ def load_checkpoint(path: str | Path, backbone: str | None = None, device: str =
     from safetensors.torch import load_file
 
     from fpt_deploy.backbones import load_backbone
-    from fpt_deploy.model import FPT
+    from fpt_deploy.model import FPT, ModelOptions
     from fpt_deploy.tasks import get_task
 
     path = resolve_checkpoint(path)
     config = read_checkpoint_config(path)
     task = get_task(config["task"], **config["task_options"])
+    options = ModelOptions.from_json(config.get("model"))
     body = load_backbone(backbone or config["backbone"])
-    if body.fingerprint() != config["fingerprint"]:
+    started_from = config.get("base_fingerprint", config["fingerprint"])
+    if body.fingerprint() != started_from:
         raise FingerprintMismatchError(
-            f"checkpoint {path} was trained on a body with fingerprint {config['fingerprint'][:16]}, but backbone "
+            f"checkpoint {path} was trained on a body with fingerprint {started_from[:16]}, but backbone "
             f"{backbone or config['backbone']!r} has {body.fingerprint()[:16]}; pass the backbone it was trained on"
         )
-    model = FPT(task, body)
+    model = FPT(task, body, options)
     try:
         state = load_file(str(path / TENSORS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
@@ -114,4 +122,23 @@ def load_checkpoint(path: str | Path, backbone: str | None = None, device: str =
             "it was written for another task or version"
         )
     model.load_state_dict(state, strict=False)
+    if options.trains_body:
+        model.body.freeze()  # trained, now fixed: its fingerprint is the one the checkpoint recorded
+        if model.body.fingerprint() != config["fingerprint"]:
+            raise CheckpointError(f"{path}: the trained body's tensors do not hash to the recorded fingerprint")
     return model.to(device), task, config
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder, or a run folder with a ``best`` checkpoint."""
+    path = Path(path)
+    return any((p / CONFIG_FILE).is_file() and (p / TENSORS_FILE).is_file() for p in (path, path / "best"))
+
+
+def body_from_checkpoint(path: str | Path):
+    """The body a checkpoint ended with, frozen: a ``--train all`` run's (the paper's Bit-Memory-pretrained
+    body, section 3.3) serves as the backbone of later runs (``--backbone runs/<run>/best``)."""
+    model, task, config = load_checkpoint(path)
+    if not model.options.trains_body:
+        log.info("%s trained no body weights; its body is backbone %s unchanged", path, config["backbone"])
+    return model.body.freeze()

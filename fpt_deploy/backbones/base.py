@@ -24,12 +24,34 @@ def layer_norm_per_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return x * weight[:, None, :] + bias[:, None, :]
 
 
-def multi_head_attention(x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention; ``qkv`` projects D -> 3D; ``mask`` (B, 1, L|1, L) bool, True = attend."""
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout that is no op at all (nothing traced into an export) when ``p`` is 0."""
+    return F.dropout(x, p) if p else x
+
+
+def multi_head_attention(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    heads: int,
+    mask: torch.Tensor,
+    dropout_p: float = 0.0,
+    record: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention; ``qkv`` projects D -> 3D; ``mask`` (B, 1, L|1, L) bool, True = attend.
+
+    ``record``, when given, receives this layer's attention probabilities (B, H, L, L); the softmax is
+    then computed explicitly (``Body.attention_maps``), otherwise by the fused kernel.
+    """
     B, L, D = x.shape
     q, k, v = qkv(x).split(D, dim=-1)  # 3 x (B, L, D)
     q, k, v = (t.view(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+    if record is None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, L, Dh)
+    else:
+        scores = (q @ k.transpose(-1, -2)) / (D // heads) ** 0.5  # (B, H, L, L)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        record.append(probs.detach())
+        y = dropout(probs, dropout_p) @ v
     return y.transpose(1, 2).reshape(B, L, D)
 
 
@@ -45,6 +67,29 @@ class Body(nn.Module, metaclass=ABCMeta):
     def __init__(self) -> None:
         super().__init__()
         self.config: dict = {}
+        self.dropout = 0.0  # embedding/residual/attention dropout while training (the reference's; off by default)
+        self._attention_record: list[torch.Tensor] | None = None
+
+    def _dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def group_of(self, name: str) -> str:
+        """The trained-parameter group of one of this body's parameters (``fpt_deploy.model``)."""
+        return "attention" if ".qkv." in name or ".attn_out." in name else "feedforward"
+
+    def export_blockers(self) -> list[str]:
+        """Why this body cannot be exported under the backbone ONNX contract (empty: it can)."""
+        return []
+
+    @torch.no_grad()
+    def attention_maps(self, hidden, attention_mask, norm_weight, norm_bias) -> list[torch.Tensor]:
+        """Each layer's attention probabilities, (B, H, L, L) per layer, for the same inputs as ``forward``."""
+        self._attention_record = record = []
+        try:
+            self(hidden, attention_mask, norm_weight, norm_bias)
+        finally:
+            self._attention_record = None
+        return record
 
     @abstractmethod
     def forward(
@@ -71,11 +116,15 @@ class Body(nn.Module, metaclass=ABCMeta):
 
     def fingerprint(self) -> str:
         """sha256 of the architecture config and every frozen tensor: equal only for the same body."""
+        if any(p.requires_grad for p in self.parameters()):
+            self.__dict__.pop("_fingerprint", None)  # a body in training changes: never cache its hash
         cached = getattr(self, "_fingerprint", None)
         if cached is None:
             h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
             for name, tensor in sorted(self.state_dict().items()):
                 h.update(name.encode())
                 h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-            cached = self._fingerprint = h.hexdigest()
+            cached = h.hexdigest()
+            if not any(p.requires_grad for p in self.parameters()):
+                self._fingerprint = cached
         return cached

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpt_deploy.backbones.base import Body, layer_norm_per_row, multi_head_attention
+from fpt_deploy.backbones.base import Body, dropout, layer_norm_per_row, multi_head_attention
 
 
 class _BertBlock(nn.Module):
@@ -43,11 +43,12 @@ class BertBody(Body):
 
     def forward(self, hidden, attention_mask, norm_weight, norm_bias):
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to
+        p, record = self._dropout(), self._attention_record  # (0.0, None) unless asked for
         x = layer_norm_per_row(hidden, norm_weight[:, 0], norm_bias[:, 0], self.eps)
         for i, blk in enumerate(self.blocks):
-            a = blk.attn_out(multi_head_attention(x, blk.qkv, self.heads, mask))
+            a = dropout(blk.attn_out(multi_head_attention(x, blk.qkv, self.heads, mask, p, record)), p)
             x = layer_norm_per_row(x + a, norm_weight[:, 2 * i + 1], norm_bias[:, 2 * i + 1], self.eps)
-            f = blk.ff_out(F.gelu(blk.ff_in(x)))
+            f = dropout(blk.ff_out(F.gelu(blk.ff_in(x))), p)
             x = layer_norm_per_row(x + f, norm_weight[:, 2 * i + 2], norm_bias[:, 2 * i + 2], self.eps)
         return x
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpt_deploy.backbones.base import Body, layer_norm_per_row, multi_head_attention
+from fpt_deploy.backbones.base import Body, dropout, layer_norm_per_row, multi_head_attention
 
 
 class _GPT2Block(nn.Module):
@@ -41,12 +41,13 @@ class GPT2Body(Body):
         L = hidden.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=hidden.device).tril()  # (L, L)
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
+        p, record = self._dropout(), self._attention_record  # (0.0, None) unless asked for
         x = hidden
         for i, blk in enumerate(self.blocks):
             h = layer_norm_per_row(x, norm_weight[:, 2 * i], norm_bias[:, 2 * i], self.eps)
-            x = x + blk.attn_out(multi_head_attention(h, blk.qkv, self.heads, mask))
+            x = x + dropout(blk.attn_out(multi_head_attention(h, blk.qkv, self.heads, mask, p, record)), p)
             h = layer_norm_per_row(x, norm_weight[:, 2 * i + 1], norm_bias[:, 2 * i + 1], self.eps)
-            x = x + blk.ff_out(F.gelu(blk.ff_in(h), approximate="tanh"))
+            x = x + dropout(blk.ff_out(F.gelu(blk.ff_in(h), approximate="tanh")), p)
         return layer_norm_per_row(x, norm_weight[:, -1], norm_bias[:, -1], self.eps)
 
     @classmethod

@@ -17,36 +17,40 @@ def _split_seed(split: str, seed: int) -> int:
 @register_task
 class BitXor(Task):
     name = "bit-xor"
-    description = "element-wise XOR of two n-bit strings, 1 bit a token (generated)"
+    description = "element-wise XOR of n-bit strings (two by default), patch bits a token (generated)"
     declared_options = {
         "n": TaskOption(type=int, default=5, help="bits per string"),
+        "strings": TaskOption(type=int, default=2, help="strings XORed together"),
+        "patch": TaskOption(type=int, default=1, help="bits per token (divides n)"),
         "train_size": TaskOption(type=int, default=10000, help="generated training examples"),
         "test_size": TaskOption(type=int, default=1000, help="generated held-out examples"),
     }
 
     def build_spec(self) -> TaskSpec:
-        n = self.options["n"]
+        n, p, s = self.options["n"], self.options["patch"], self.options["strings"]
+        if n % p or s < 2:
+            raise ConfigError(f"bit-xor: n={n} must be a multiple of patch={p}, and strings={s} at least 2")
         return TaskSpec(
             name=self.name,
-            input_shape=(2 * n,),
+            input_shape=(s * n,),
             input_dtype="uint8",
-            seq_len=2 * n,
-            token_dim=1,
+            seq_len=s * n // p,
+            token_dim=p,
             num_classes=2,
-            read_tokens=n,
-            outputs_per_token=1,
+            read_tokens=n // p,
+            outputs_per_token=p,
             labels=("0", "1"),
             options=self.options,
         )
 
     def build_preprocess(self):
-        return BitPatches(1)
+        return BitPatches(self.options["patch"])
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
-        n, size = self.options["n"], self.options[f"{split}_size"]
+        n, s, size = self.options["n"], self.options["strings"], self.options[f"{split}_size"]
         rng = np.random.default_rng(_split_seed(split, seed))
-        x = rng.integers(0, 2, size=(size, 2 * n), dtype=np.uint8)
-        y = (x[:, :n] ^ x[:, n:]).astype(np.int64)  # (N, n)
+        x = rng.integers(0, 2, size=(size, s * n), dtype=np.uint8)
+        y = np.bitwise_xor.reduce(x.reshape(size, s, n), axis=1).astype(np.int64)  # (N, n)
         return TaskData(inputs=x, labels=y, source="generated")
 
 
