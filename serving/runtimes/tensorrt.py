@@ -429,6 +429,12 @@ class EngineSession:
             self._lock.release()
 
 
+def _rows_in_use(weight: np.ndarray, bias: np.ndarray) -> int:
+    """Table rows up to the last one holding any value; rows after it are spare (all zero)."""
+    used = np.flatnonzero(np.any(weight != 0, axis=(1, 2)) | np.any(bias != 0, axis=(1, 2)))
+    return int(used[-1]) + 1 if used.size else 0
+
+
 class TensorRTRuntime(Runtime):
     """``--runtime tensorrt``: the engine ``fpt-deploy build-engine`` recorded, norm tables resident on the GPU."""
 
@@ -442,7 +448,7 @@ class TensorRTRuntime(Runtime):
             raise ArtifactError(f"TensorRT engine {engine_file} is missing; run `fpt-deploy build-engine` first")
         self.session = EngineSession(trt, cuda, engine_file.read_bytes(), str(engine_file))
         try:
-            self.session.set_tables(self.norm_weight, self.norm_bias)
+            self._upload_tables(self.norm_weight, self.norm_bias)
         except BaseException:
             self.session.close()
             raise
@@ -473,15 +479,29 @@ class TensorRTRuntime(Runtime):
 
     def check_capacity(self, *, max_batch_size: int, seq_lens: Mapping[str, int]) -> None:
         """Refuse settings the engine cannot run: rows per batch, each task's tokens, and loaded tasks."""
-        self.capacity.check(rows=max_batch_size, seq_lens=seq_lens, tasks=self.num_tasks)
+        tasks = _rows_in_use(self.norm_weight, self.norm_bias)
+        self.capacity.check(rows=max_batch_size, seq_lens=seq_lens, tasks=tasks)
 
     def set_norm_tables(self, norm_weight: np.ndarray, norm_bias: np.ndarray) -> None:
-        """Replace the tables (tasks loaded live) up to the engine's ``max_tasks``, without a rebuild."""
-        rows = np.shape(norm_weight)[0]
-        if rows > self.capacity.max_tasks:
-            self.capacity.check(rows=0, seq_lens={}, tasks=rows)
-        super().set_norm_tables(norm_weight, norm_bias)
-        self.session.set_tables(self.norm_weight, self.norm_bias)
+        """Replace the tables (tasks loaded live) up to the engine's ``max_tasks``, without a rebuild.
+
+        The caller's tables may hold spare rows past its last task (all zero, as a growing table
+        leaves them); only rows in use must fit the engine.
+        """
+        weight, bias = np.asarray(norm_weight), np.asarray(norm_bias)
+        self._check_rows(weight, bias)  # before anything changes: a refused update leaves the old tables
+        super().set_norm_tables(weight, bias)
+        self._upload_tables(self.norm_weight, self.norm_bias)
+
+    def _check_rows(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        used = _rows_in_use(weight, bias)
+        if used > self.capacity.max_tasks:
+            self.capacity.check(rows=0, seq_lens={}, tasks=used)
+
+    def _upload_tables(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self._check_rows(weight, bias)
+        rows = max(1, min(len(weight), self.capacity.max_tasks))
+        self.session.set_tables(weight[:rows], bias[:rows])
 
     def run_backbone(self, hidden, attention_mask, task_index):
         return self.session.run(hidden, attention_mask, task_index)

@@ -229,10 +229,16 @@ def test_norm_tables_update_live_up_to_capacity(engine_repo, cudart):
         np.testing.assert_allclose(
             runtime.run_backbone(hidden, mask, index), _reference(engine_repo, grown, hidden, mask, index), atol=1e-6
         )
-        too_many = (np.concatenate([grown[0], w[:1]]), np.concatenate([grown[1], b[:1]]))
+        spare = [np.concatenate([t, np.zeros_like(t[:2])]) for t in grown]  # a grown table: 2 unused rows
+        runtime.set_norm_tables(*spare)  # 6 rows, 4 in use: fits an engine of 4
+        np.testing.assert_allclose(
+            runtime.run_backbone(hidden, mask, index), _reference(engine_repo, grown, hidden, mask, index), atol=1e-6
+        )
+        too_many = [t.copy() for t in spare]
+        too_many[0][4] = w[0]  # a 5th task in the first spare row
         with pytest.raises(ConfigError, match="--max-tasks 5"):
             runtime.set_norm_tables(*too_many)
-        assert runtime.num_tasks == 4  # the refused update changed nothing
+        assert runtime.num_tasks == 6 and not runtime.norm_weight[4].any()  # the refused update changed nothing
     finally:
         runtime.close()
     _assert_clean(cudart)
