@@ -259,3 +259,19 @@ def test_the_child_process_reports_failures_and_nothing_to_rewrite(tmp_path, cap
     onnx.save(plain, str(tmp_path / "plain.onnx"))
     assert rewrite.main([str(tmp_path / "plain.onnx"), str(tmp_path / "out.onnx")]) == 3
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_int8_variant_is_rewritten_too_and_keeps_its_integer_kernels(backbone, tmp_path):
+    """The int8 file is as portable as the float one; the residual Sums that keep SkipLayerNormalization
+    away (where it cost the most time) come from the ORT runtime's rewrite."""
+    from fpt_deploy.export.quantize import quantize_backbone_int8
+
+    int8 = backbone.with_name("backbone.int8.onnx")
+    quantize_backbone_int8(backbone, int8)
+    with ort_graph(int8) as graph:
+        assert graph != str(int8)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "SkipLayerNormalization" not in ops, ops
