@@ -4,32 +4,31 @@
 TensorRT) reuse ``write_backbone_graph`` / ``write_task_graphs`` or read the repository it wrote.
 """
 
-from fpt_deploy.export.config import ExportConfig
-from fpt_deploy.export.exporter import (
-    ExportResult,
-    TaskExport,
-    ensure_backbone,
-    ensure_int8_backbone,
-    export_task,
-    write_task,
-)
-from fpt_deploy.export.graphs import TaskGraphs, write_backbone_graph, write_task_graphs
-from fpt_deploy.export.quantize import QuantizationAccuracyError, quantize_backbone_int8
-from fpt_deploy.export.validate import OrtTask, check_mixed_batch
+import importlib
 
-__all__ = [
-    "ExportConfig",
-    "ExportResult",
-    "OrtTask",
-    "QuantizationAccuracyError",
-    "TaskExport",
-    "TaskGraphs",
-    "check_mixed_batch",
-    "ensure_backbone",
-    "ensure_int8_backbone",
-    "export_task",
-    "quantize_backbone_int8",
-    "write_backbone_graph",
-    "write_task",
-    "write_task_graphs",
-]
+# name -> submodule: loaded on first use, so ``fpt_deploy.export.config`` (read by the CLI to build
+# its options) imports without torch.
+_EXPORTS = {
+    "ExportConfig": "config",
+    "ExportResult": "exporter",
+    "OrtTask": "validate",
+    "QuantizationAccuracyError": "quantize",
+    "TaskExport": "exporter",
+    "TaskGraphs": "graphs",
+    "check_mixed_batch": "validate",
+    "ensure_backbone": "exporter",
+    "ensure_int8_backbone": "exporter",
+    "export_task": "exporter",
+    "quantize_backbone_int8": "quantize",
+    "write_backbone_graph": "graphs",
+    "write_task": "exporter",
+    "write_task_graphs": "graphs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fpt_deploy.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fpt_deploy.export.{_EXPORTS[name]}"), name)

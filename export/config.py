@@ -1,38 +1,64 @@
-"""Export settings: one dataclass, validated at once (STYLE.md, "one dataclass per concern")."""
+"""Export settings: one dataclass, validated at once; the CLI is derived from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from fpt_deploy.errors import collect
 
-MIN_OPSET = 17  # LayerNormalization is a standard op from opset 17 (DESIGN.md: opset >= 17)
-QUANTIZATIONS = ("int8",)
+MIN_OPSET = 17  # LayerNormalization is a standard op from opset 17 (docs/architecture.md, "The body contract")
+Quantization = Literal["int8"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportConfig:
-    """What to export and how strictly to check it.
+    """What to export and how strictly to check it; ``fpt-deploy export``'s options are these fields.
 
     Tasks come from ``tasks`` (their checkpoints default to ``runs/<task>/best``), or from
     ``checkpoints`` alone (each checkpoint names its task). When both are given they pair up in order.
     """
 
-    tasks: list[str] = field(default_factory=list)  # registered task names
-    checkpoints: list[Path] = field(default_factory=list)  # checkpoint or run folders
-    repo: Path = Path("deploy")  # the deployment repository to write into (created if missing)
-    opset: int = 18  # ONNX opset of every graph; the torch exporter's native one is 18
-    quantize: str | None = None  # "int8": also write an int8 backbone variant (ORT dynamic quantization)
-    force: bool = False  # keep the int8 variant even when a task loses more than ``accuracy_tolerance``
-    atol: float = 1e-4  # largest allowed |ORT - PyTorch| on logits (and on the backbone's hidden states)
-    accuracy_tolerance: float = 0.5  # largest allowed held-out accuracy loss of int8, in points (0-100)
-    validation_rows: int = 256  # held-out rows per task for the ORT-vs-PyTorch parity check
-    data_dir: Path | None = None  # data in torchvision's layout (MNIST, CIFAR-10); else the task's default
-    download: bool = False  # let torchvision download a data set
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Task to export (repeatable, or a comma list).", "flags": ("--task", "-t")},
+    )
+    checkpoints: list[Path] = field(
+        default_factory=list,
+        metadata={
+            "help": "Checkpoint or run folder, one per --task in order (default runs/<task>/best); alone, "
+            "it names its own task.",
+            "flags": ("--checkpoint",),
+        },
+    )
+    repo: Path = field(
+        default=Path("deploy"), metadata={"help": "Deployment repository to write into (created if missing)."}
+    )
+    opset: int = field(default=18, metadata={"help": f"ONNX opset of every graph (>= {MIN_OPSET})."})
+    quantize: Quantization | None = field(
+        default=None,
+        metadata={"help": "Also write a quantized backbone variant (ORT dynamic int8), checked for accuracy."},
+    )
+    force: bool = field(
+        default=False, metadata={"help": "Keep the int8 variant even if a task loses more than the tolerance."}
+    )
+    atol: float = field(
+        default=1e-4, metadata={"help": "Largest allowed |ONNX Runtime - PyTorch| on logits (and hidden states)."}
+    )
+    accuracy_tolerance: float = field(
+        default=0.5, metadata={"help": "Largest allowed held-out accuracy loss of int8, in points (0-100)."}
+    )
+    validation_rows: int = field(
+        default=256, metadata={"help": "Held-out rows per task for the ONNX Runtime vs PyTorch check."}
+    )
+    data_dir: Path | None = field(
+        default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10) for validation."}
+    )
+    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
 
     def __post_init__(self) -> None:
-        self.tasks = [t for t in self.tasks if t]
+        self.tasks = [t.strip() for item in self.tasks for t in item.split(",") if t.strip()]
         self.checkpoints = [Path(c) for c in self.checkpoints]
         problems = []
         if not self.tasks and not self.checkpoints:
@@ -46,8 +72,9 @@ class ExportConfig:
             problems.append(f"a task is named twice in {', '.join(self.tasks)}")
         if self.opset < MIN_OPSET:
             problems.append(f"opset must be >= {MIN_OPSET} (got {self.opset})")
-        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            problems.append(f"quantize must be one of {', '.join(QUANTIZATIONS)} (got {self.quantize!r})")
+        if self.quantize is not None and self.quantize not in get_args(Quantization):
+            choices = ", ".join(get_args(Quantization))
+            problems.append(f"quantize must be one of {choices} (got {self.quantize!r})")
         if not self.atol > 0:
             problems.append(f"atol must be > 0 (got {self.atol})")
         if not 0 <= self.accuracy_tolerance <= 100:

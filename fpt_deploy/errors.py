@@ -6,6 +6,11 @@ from __future__ import annotations
 class FptDeployError(Exception):
     """Base of every error fpt-deploy raises on purpose; the CLI turns it into exit code 2."""
 
+    # Set (on the instance) by code that leaves threads behind which interpreter teardown can abort on,
+    # e.g. a torchrun rank after torch.distributed's gloo: the CLI then reports the error and exits
+    # at once (os._exit) instead of a clean exit that would turn into a SIGABRT.
+    exit_without_teardown: bool = False
+
 
 class ConfigError(FptDeployError, ValueError):
     """A setting or option is invalid. The message lists every problem found."""
@@ -44,10 +49,6 @@ class ArtifactError(FptDeployError, ValueError):
 
 class ExportMismatchError(FptDeployError, ValueError):
     """An exported graph disagrees with the PyTorch reference beyond tolerance."""
-
-
-class ExportUnsupportedError(FptDeployError, ValueError):
-    """A trained model has parts the repository format cannot hold (hidden head layers, say)."""
 
 
 class RuntimeUnavailableError(FptDeployError, RuntimeError):

@@ -10,20 +10,52 @@ from fpt_deploy.serving.runtimes import runtime_names
 from fpt_deploy.errors import collect
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RuntimeConfig:
-    """How the shared backbone and the per-task heads execute (shared by ``serve`` and ``predict``)."""
+    """How the shared body and the per-task heads execute: the options ``serve`` and ``predict`` share.
 
-    repo: Path  # deployment repository written by `fpt-deploy export`
-    runtime: str = "ort"  # a name in serving.runtimes' registry: ort (CPU), ort-cuda, tensorrt, ...
-    backbone_variant: str = "fp32"  # which backbone file of the repository: fp32, int8, ...
-    fingerprint: str | None = None  # prefix of the backbone fingerprint to run when the repository holds several
-    engine: Path | None = None  # TensorRT engine file; default: the one `fpt-deploy build-engine` wrote
-    threads: int | None = None  # ONNX Runtime intra-op threads for the backbone; default: physical cores
-    max_batch_size: int = 32  # rows per batch (and per backbone call)
-    max_queue_delay_ms: float = 2.0  # how long the first queued request waits for others to join
-    max_queue_size: int = 1024  # queued requests beyond which new ones are refused (503)
-    pad_tolerance: float = 0.25  # extra padded tokens (fraction of real ones) allowed to merge lengths
+    Each field is a command-line option of both (fpt_deploy/cli_options.py); a field added here
+    appears on both commands.
+    """
+
+    repo: Path = field(metadata={"help": "Deployment repository written by `fpt-deploy export`."})
+    runtime: str = field(
+        default="ort",
+        metadata={
+            "help": "Runtime that runs the body: ort (ONNX Runtime CPU), ort-cuda (its CUDA provider), "
+            "tensorrt (the engine `build-engine` wrote), or one a plug-in registered.",
+            "choices": runtime_names,
+        },
+    )
+    backbone_variant: str = field(
+        default="fp32",
+        metadata={"help": "Body file of the repository: fp32, int8 (`export --quantize int8`); fp16 for tensorrt."},
+    )
+    fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint (a prefix) of the body to run when the repository holds several.",
+            "aliases": ("--backbone",),
+        },
+    )
+    engine: Path | None = field(
+        default=None, metadata={"help": "TensorRT engine file (default: the one recorded in the repository)."}
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "ONNX Runtime intra-op threads for the body (default: the physical cores)."}
+    )
+    max_batch_size: int = field(
+        default=32, metadata={"help": "Rows per batch: requests of all tasks are batched together up to this many."}
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0, metadata={"help": "How long (ms) the oldest queued request waits for others to join its batch."}
+    )
+    max_queue_size: int = field(
+        default=1024, metadata={"help": "Queued requests beyond which new ones are refused (503)."}
+    )
+    pad_tolerance: float = field(
+        default=0.25, metadata={"help": "Padding (fraction of real tokens) allowed to merge lengths into one batch."}
+    )
 
     def problems(self) -> list[str]:
         problems = []
@@ -42,12 +74,16 @@ class RuntimeConfig:
         return problems
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeConfig(RuntimeConfig):
-    """``fpt-deploy serve``: an Open Inference Protocol (KServe v2) server over one backbone."""
+    """``fpt-deploy serve``: an Open Inference Protocol (KServe v2) server over one body.
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    Its options are these fields and RuntimeConfig's; a field added here (with ``metadata={"help":
+    ...}``) is a ``serve`` option at once.
+    """
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 for every interface)."})
+    port: int = field(default=8000, metadata={"help": "TCP port of the HTTP server."})
     # Limits on what clients may send; serving/server.py lists the status each refusal gets.
     max_header_bytes: int = field(
         default=16 << 10, metadata={"help": "Request line and headers larger than this get 431."}
@@ -73,9 +109,7 @@ class ServeConfig(RuntimeConfig):
         default=5.0, metadata={"help": "Seconds an idle keep-alive connection stays open."}
     )
     json_max_depth: int = field(default=32, metadata={"help": "Deepest nesting of arrays/objects in request JSON."})
-    json_max_number_chars: int = field(
-        default=64, metadata={"help": "Most characters in one number of request JSON."}
-    )
+    json_max_number_chars: int = field(default=64, metadata={"help": "Most characters in one number of request JSON."})
     graceful_timeout_s: float = field(
         default=30.0,
         metadata={"help": "Shutdown grace: in-flight requests finish within it; stalled uploads are dropped."},
@@ -105,13 +139,15 @@ class ServeConfig(RuntimeConfig):
         return problems
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PredictConfig(RuntimeConfig):
     """``fpt-deploy predict``: offline batch inference of one task through the serving runtime."""
 
-    task: str = ""
-    input: Path = Path()  # .npy of raw inputs, (N, *input_shape)
-    output: Path | None = None  # .npz or .json; nothing written when None
+    task: str = field(metadata={"help": "Task (model) name in the repository.", "flags": ("--task", "-t")})
+    input: Path = field(metadata={"help": "Raw inputs as .npy, shaped (N, *input_shape), e.g. uint8 (N, 28, 28)."})
+    output: Path | None = field(
+        default=None, metadata={"help": "Write labels and probabilities to this .npz or .json."}
+    )
 
     def __post_init__(self) -> None:
         self.repo, self.input = Path(self.repo), Path(self.input)

@@ -1,57 +1,135 @@
-"""Training settings: one dataclass, validated at once."""
+"""Training settings: one dataclass per command, each validated at once; the CLI is derived from them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from fpt_deploy.errors import collect
 
+Device = Literal["auto", "cpu", "cuda"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+Schedule = Literal["cosine", "constant"]
 
-@dataclass
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    task: str = "mnist"  # registered task name
-    task_options: dict = field(default_factory=dict)  # e.g. {"n": 100, "patch": 10} for bit-memory
-    backbone: str = "minilm"  # registered backbone name or a local Hugging Face folder
-    epochs: int = 3  # passes over the training split (ignored when ``steps`` is set)
-    steps: int | None = None  # total optimizer steps; overrides ``epochs``
-    batch_size: int = 32
-    lr: float = 1e-3  # Adam, the paper's setting (peak lr under the cosine schedule)
-    schedule: str = "cosine"  # cosine (linear warmup, then cosine decay to 0) | constant (the paper's)
-    warmup_steps: int = 50  # linear warmup for the cosine schedule (at most a tenth of the run)
-    grad_clip: float = 1.0  # max grad norm, the paper's setting
-    eval_every: int | None = None  # steps between evaluations; default once an epoch
-    stop_at_accuracy: float | None = None  # stop once held-out accuracy reaches this
-    device: str = "auto"  # auto | cpu | cuda
-    bf16: bool | None = None  # bf16 autocast; default on for CUDA, off for CPU
-    dist_backend: str = "auto"  # under torchrun: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
-    seed: int = 0
-    out: Path | None = None  # run folder; default runs/<task>
-    resume: bool = False  # continue from <out>/last
-    data_dir: Path | None = None
-    download: bool = False  # let torchvision download the data set
-    progress: bool = True  # show a progress bar
+    """What to train and how: ``fpt-deploy train``'s options are these fields (fpt_deploy/cli_options.py)."""
+
+    task: str = field(default="mnist", metadata={"help": "Registered task name (see `fpt-deploy tasks`)."})
+    task_options: dict = field(
+        default_factory=dict, metadata={"cli": False, "help": "The task's options, e.g. {'n': 100}."}
+    )
+    task_file: Path | None = field(
+        default=None, metadata={"help": "Your own task, declared in a TOML file (docs/declared-tasks.md)."}
+    )
+    backbone: str = field(
+        default="minilm",
+        metadata={
+            "help": "Backbone name (see `fpt-deploy backbones`) or local HF folder.",
+            "flags": ("--backbone", "-b"),
+        },
+    )
+    # lr, epochs, steps, schedule: None = the task's recipe, else fpt_deploy.tasks.recipe.DEFAULT_RECIPE
+    epochs: int | None = field(
+        default=None, metadata={"help": "Passes over the training data (default: the task's recipe, else 3)."}
+    )
+    steps: int | None = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs."})
+    batch_size: int = field(
+        default=32, metadata={"help": "Examples per step; under torchrun the global batch, split across ranks."}
+    )
+    lr: float | None = field(
+        default=None, metadata={"help": "Adam (peak) learning rate (default: the task's recipe, else 1e-3)."}
+    )
+    schedule: Schedule | None = field(
+        default=None,
+        metadata={
+            "help": "cosine (the default): linear warmup then cosine decay to 0; constant: the paper's "
+            "(default: the task's recipe)."
+        },
+    )
+    warmup_steps: int = field(
+        default=50, metadata={"help": "Linear warmup of the cosine schedule (at most a tenth of the run)."}
+    )
+    grad_clip: float = field(default=1.0, metadata={"help": "Largest gradient norm (the paper's 1.0)."})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "Steps between held-out evaluations (default: once an epoch)."}
+    )
+    stop_at_accuracy: float | None = field(
+        default=None,
+        metadata={"help": "Stop once held-out accuracy reaches this (e.g. 1.0).", "aliases": ("--stop-at",)},
+    )
+    device: Device = field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on for CUDA, off on CPU)."})
+    dist_backend: DistBackend = field(
+        default="auto", metadata={"help": "torch.distributed backend under torchrun: auto = NCCL on GPUs, gloo on CPU."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, init, generated data)."})
+    out: Path | None = field(
+        default=None, metadata={"help": "Run folder (default runs/<task>); the best checkpoint goes to OUT/best."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue the run in OUT from its last saved state."})
+    data_dir: Path | None = field(default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10)."})
+    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
+    progress: bool = field(default=True, metadata={"cli": False, "help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.steps is not None and self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1 (got {self.batch_size})")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"schedule must be cosine or constant (got {self.schedule!r})")
+        if self.schedule not in (None, *get_args(Schedule)):
+            problems.append(f"schedule must be one of {', '.join(get_args(Schedule))} (got {self.schedule!r})")
         if self.warmup_steps < 0:
             problems.append(f"warmup steps must be >= 0 (got {self.warmup_steps})")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval-every must be >= 1 (got {self.eval_every})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
-        if self.dist_backend not in ("auto", "nccl", "gloo"):
-            problems.append(f"dist-backend must be auto, nccl or gloo (got {self.dist_backend!r})")
+        if self.device not in get_args(Device):
+            problems.append(f"device must be one of {', '.join(get_args(Device))} (got {self.device!r})")
+        if self.dist_backend not in get_args(DistBackend):
+            problems.append(
+                f"dist-backend must be one of {', '.join(get_args(DistBackend))} (got {self.dist_backend!r})"
+            )
         collect(problems)
+        if self.task_file is not None:
+            from fpt_deploy.tasks.specfile import task_file_name
+
+            self.task_file = Path(self.task_file)
+            self.task = task_file_name(self.task_file)
+            self.task_options = {**self.task_options, "file": str(self.task_file)}
         self.out = Path(self.out) if self.out else Path("runs") / self.task
+        self.data_dir = Path(self.data_dir) if self.data_dir else None
+
+    def with_recipe(self, recipe) -> TrainConfig:
+        """This config with lr, epochs, steps and schedule resolved: given, else ``recipe``'s, else the default."""
+        from fpt_deploy.tasks.recipe import resolve_recipe
+
+        return dataclasses.replace(self, **resolve_recipe(vars(self), recipe))
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """``fpt-deploy evaluate``: a checkpoint's held-out accuracy."""
+
+    checkpoint: Path = field(metadata={"help": "Checkpoint folder (or a run folder: its best checkpoint)."})
+    data_dir: Path | None = field(default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10)."})
+    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
+    device: Device = field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
+    batch_size: int = field(default=128, metadata={"help": "Examples per forward pass."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.device not in get_args(Device):
+            problems.append(f"device must be one of {', '.join(get_args(Device))} (got {self.device!r})")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1 (got {self.batch_size})")
+        collect(problems)
+        self.checkpoint = Path(self.checkpoint)
         self.data_dir = Path(self.data_dir) if self.data_dir else None

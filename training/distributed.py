@@ -24,25 +24,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from fpt_deploy.errors import ConfigError, collect
+from fpt_deploy.errors import ConfigError, FptDeployError, collect
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nccl", "gloo")
 TIMEOUT = timedelta(minutes=10)  # how long a collective (and the rendezvous) waits for a missing rank
 _QUIET_ON_OTHER_RANKS = ("training", "fpt_deploy")  # loggers silenced below WARNING on ranks > 0
-
-
-# Set once this process joined a torch.distributed group: the CLI then exits without interpreter
-# teardown after a user error, where gloo's threads can abort the process (SIGABRT).
-JOINED_PROCESS_GROUP = False
 
 
 class LaunchError(ConfigError):
@@ -176,8 +172,6 @@ def init_world(device: str = "auto", backend: str = "auto", environ: Mapping[str
         torch.cuda.set_device(torch_device)
     try:
         dist.init_process_group(chosen, init_method="env://", rank=rank, world_size=size, timeout=TIMEOUT)
-        global JOINED_PROCESS_GROUP
-        JOINED_PROCESS_GROUP = True
     except (RuntimeError, ValueError, TimeoutError) as e:
         where = f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')}"
         raise LaunchError(
@@ -190,6 +184,21 @@ def init_world(device: str = "auto", backend: str = "auto", environ: Mapping[str
             logging.getLogger(name).setLevel(logging.WARNING)
     log.info("distributed: %d ranks, backend %s, %s per rank", size, chosen, torch_device)
     return World(rank, size, local_rank, torch_device, chosen, owns_group=True)
+
+
+@contextmanager
+def joined(world: World) -> Iterator[None]:
+    """Mark an ``FptDeployError`` leaving a rank that joined a process group: exit without teardown.
+
+    After a user error the ranks leave the group together, but gloo's threads can still abort the
+    process during interpreter teardown (SIGABRT instead of exit code 2); the error says so.
+    """
+    try:
+        yield
+    except FptDeployError as e:
+        if world.owns_group:
+            e.exit_without_teardown = True
+        raise
 
 
 def close_world(world: World, ok: bool = True) -> None:

@@ -30,8 +30,8 @@ def test_ort_cuda_matches_cpu(exported_repo):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu in place of onnxruntime)")
-    cpu = mixed_logits(RuntimeConfig(exported_repo))
-    cuda = mixed_logits(RuntimeConfig(exported_repo, runtime="ort-cuda"))
+    cpu = mixed_logits(RuntimeConfig(repo=exported_repo))
+    cuda = mixed_logits(RuntimeConfig(repo=exported_repo, runtime="ort-cuda"))
     for a, b in zip(cpu, cuda, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3)
 
@@ -43,7 +43,7 @@ def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
     build_engine(EngineConfig(repo=repo, max_batch=16, max_len=64, max_tasks=4))
-    cpu = mixed_logits(RuntimeConfig(repo))
-    trt = mixed_logits(RuntimeConfig(repo, runtime="tensorrt"))
+    cpu = mixed_logits(RuntimeConfig(repo=repo))
+    trt = mixed_logits(RuntimeConfig(repo=repo, runtime="tensorrt"))
     for a, b in zip(cpu, trt, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3)

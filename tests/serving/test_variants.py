@@ -39,8 +39,8 @@ def test_int8_backbone_serves_the_same_heads(exported_repo, tiny_checkpoints, tm
             force=True,
         )
     )
-    fp32 = mixed_probabilities(RuntimeConfig(repo, threads=1))
-    int8 = mixed_probabilities(RuntimeConfig(repo, threads=1, backbone_variant="int8"))
+    fp32 = mixed_probabilities(RuntimeConfig(repo=repo, threads=1))
+    int8 = mixed_probabilities(RuntimeConfig(repo=repo, threads=1, backbone_variant="int8"))
     for a, b in zip(fp32, int8, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=0.1)  # quantized, yet the same model
@@ -49,4 +49,4 @@ def test_int8_backbone_serves_the_same_heads(exported_repo, tiny_checkpoints, tm
 
 def test_missing_variant_names_what_exists(exported_repo):
     with pytest.raises(ArtifactError, match="has no 'int8' variant \\(has fp32\\); export it first"):
-        ServingModel(RuntimeConfig(exported_repo, backbone_variant="int8"))
+        ServingModel(RuntimeConfig(repo=exported_repo, backbone_variant="int8"))
