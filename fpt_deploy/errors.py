@@ -51,6 +51,10 @@ class ExportMismatchError(FptDeployError, ValueError):
     """An exported graph disagrees with the PyTorch reference beyond tolerance."""
 
 
+class ExportUnsupportedError(FptDeployError, ValueError):
+    """A trained model has parts the repository format cannot hold (hidden head layers, say)."""
+
+
 class RuntimeUnavailableError(FptDeployError, RuntimeError):
     """A runtime (CUDA, TensorRT) is not installed or has no device here."""
 

@@ -41,6 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
+from fpt_deploy.cpu import warn_if_bf16_emulated
 from fpt_deploy.errors import CheckpointError
 from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
@@ -312,6 +313,8 @@ def run_job(configs: list[TrainConfig]) -> list[TrainResult]:
     with joined(world):
         try:
             bf16 = world.device.type == "cuda" if first.bf16 is None else first.bf16
+            if bf16:
+                warn_if_bf16_emulated(world.device.type)
             torch.manual_seed(first.seed)
             np.random.seed(first.seed)
             body = load_backbone(first.backbone)
