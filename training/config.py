@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from fpt_deploy.errors import collect
+from fpt_deploy.groups import FPT_GROUPS, TrainGroup
 
 Device = Literal["auto", "cpu", "cuda"]
 DistBackend = Literal["auto", "nccl", "gloo"]
@@ -74,6 +75,33 @@ class TrainConfig:
     data_dir: Path | None = field(default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10)."})
     download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
     progress: bool = field(default=True, metadata={"cli": False, "help": "Show a progress bar."})
+    # What trains and the reference's other model options (fpt_deploy.model.ModelOptions)
+    train: list[TrainGroup] = field(
+        default_factory=lambda: list(FPT_GROUPS),
+        metadata={
+            "help": "Trained parameter groups, repeatable (default: the paper's FPT set input, positions, norms, "
+            "output); attention/feedforward/all train body weights too: the export then writes that body as "
+            "its own backbone."
+        },
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the body and heads while training (0 = off)."})
+    input_gain: float = field(default=1.41, metadata={"help": "Orthogonal-init gain of a linear input layer."})
+    input_hidden_layers: int = field(
+        default=0, metadata={"help": "Hidden D->D ReLU layers after the input layer (not exportable)."}
+    )
+    output_hidden_layers: int = field(
+        default=0, metadata={"help": "Hidden D->D ReLU layers before the output layer (not exportable)."}
+    )
+    augment: bool = field(
+        default=False, metadata={"help": "Image tasks: random crop (4-pixel padding) and horizontal flip."}
+    )
+    val_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the training data held out (seeded) to choose the best checkpoint and stop early; "
+            "the test split is only ever reported."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +125,8 @@ class TrainConfig:
             problems.append(
                 f"dist-backend must be one of {', '.join(get_args(DistBackend))} (got {self.dist_backend!r})"
             )
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val-fraction must be in [0, 1) (got {self.val_fraction})")
         collect(problems)
         if self.task_file is not None:
             from fpt_deploy.tasks.specfile import task_file_name
@@ -123,6 +153,10 @@ class EvaluateConfig:
     download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
     device: Device = field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
     batch_size: int = field(default=128, metadata={"help": "Examples per forward pass."})
+    split: Literal["test", "val"] = field(
+        default="test",
+        metadata={"help": "test: the split no choice saw; val: the validation split the run carved and chose on."},
+    )
 
     def __post_init__(self) -> None:
         problems = []

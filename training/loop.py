@@ -1,7 +1,10 @@
 """The fine-tuning loop: Adam on the trainable tensors only, grad-norm clip, best checkpoint kept.
 
-Run folder layout: ``best/`` (the checkpoint with the best held-out accuracy) and ``last/`` (the latest
+Run folder layout: ``best/`` (the checkpoint with the best validation accuracy) and ``last/`` (the latest
 state, with optimizer state, so ``--resume`` continues where a run stopped).
+
+Honest selection: a validation split carved from the training data (``val_fraction``, seeded) chooses the
+best checkpoint and stops early; the test split is scored and reported, never used for a choice.
 
 A job trains one or more tasks (``training.multitask``) against one frozen body: each task is a
 ``TaskRun`` with its own heads, norms, optimizer, data order and run folder, and the job takes one step
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fpt_deploy.training.augment import check_augmentable, random_crop_flip
 from fpt_deploy.training.config import EvaluateConfig, TrainConfig
 from fpt_deploy.training.distributed import (
     RanksDisagreeError,
@@ -43,7 +47,7 @@ from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
 from fpt_deploy.cpu import warn_if_bf16_emulated
 from fpt_deploy.errors import CheckpointError
-from fpt_deploy.model import FPT
+from fpt_deploy.model import FPT, ModelOptions
 from fpt_deploy.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -166,18 +170,28 @@ class TaskRun:
             _check_resumable(config, task)
         train_data = task.load_data("train", config.data_dir, config.download, seed=config.seed)
         test_data = task.load_data("test", config.data_dir, config.download, seed=0)
+        x, y = torch.from_numpy(train_data.inputs), torch.from_numpy(train_data.labels)
+        train_split, val_split = carve_validation(x, y, config.val_fraction, config.seed)
+        (self.x_train, self.y_train), (self.x_val, self.y_val) = train_split, val_split
+        self.x_test, self.y_test = torch.from_numpy(test_data.inputs), torch.from_numpy(test_data.labels)
+        if not len(self.x_val):  # --val-fraction 0: the old, flattering choice on the test split
+            log.warning("%s: no validation split; the best checkpoint is chosen on the test split", task.name)
+            self.x_val, self.y_val = self.x_test, self.y_test
+        self.splits = {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test)}
         log.info(
-            "%s data: %s (train %d, held-out %d)",
+            "%s data: %s (train %d, validation %d carved with seed %d, test %d)",
             task.name,
             train_data.source,
-            len(train_data.labels),
-            len(test_data.labels),
+            len(self.x_train),
+            len(self.x_val) if config.val_fraction else 0,
+            config.seed,
+            len(self.x_test),
         )
-        self.x_train, self.y_train = torch.from_numpy(train_data.inputs), torch.from_numpy(train_data.labels)
-        self.x_test, self.y_test = torch.from_numpy(test_data.inputs), torch.from_numpy(test_data.labels)
+        if config.augment:
+            check_augmentable(task.spec.input_shape, task.name)
 
         torch.manual_seed(config.seed)  # the heads' init depends on the seed only, not on what ran before
-        self.model = FPT(task, body).to(self.device)
+        self.model = FPT(task, body, model_options(config)).to(self.device)
         self.trainable, self.total = self.model.parameter_counts()
         log.info(
             "%s trainable parameters: %s of %s (%.3f%%)",
@@ -193,8 +207,11 @@ class TaskRun:
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.eval_every = config.eval_every or min(self.steps_per_epoch, self.total_steps)
         self.step, self.best, self.history = 0, -1.0, []
+        self.best_test: dict = {}  # the test figures of the best (validation-chosen) checkpoint
         if config.resume:
-            self.step, self.best, self.history = _restore(config, self.model, self.optimizer, self.device)
+            self.step, self.best, self.history, self.best_test = _restore(
+                config, self.model, self.optimizer, self.device
+            )
             log.info(
                 "%s resumed from %s at step %d (best accuracy so far %.4f)",
                 task.name,
@@ -203,7 +220,12 @@ class TaskRun:
                 self.best,
             )
         self.final = {"accuracy": self.best}
-        self.meta = {"train_config": _jsonable(config), "trainable_params": self.trainable, "total_params": self.total}
+        self.meta = {
+            "train_config": _jsonable(config),
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "splits": self.splits,
+        }
         self.running = RunningSums()
         self.batches = self._global_batches()
 
@@ -222,7 +244,10 @@ class TaskRun:
     def train_step(self) -> None:
         """One optimizer step on the next global batch (this rank's share of it under torchrun)."""
         idx, weight = shard(next(self.batches), self.world)
-        x = self.x_train[idx].to(self.device, non_blocking=True)
+        x = self.x_train[idx]
+        if self.config.augment:
+            x = random_crop_flip(x, self.config.seed, self.step)
+        x = x.to(self.device, non_blocking=True)
         y = self.y_train[idx].to(self.device, non_blocking=True)
         with autocast(self.device, self.bf16):
             logits = self.forward(x)
@@ -240,38 +265,52 @@ class TaskRun:
             self.evaluate_and_save()
 
     def evaluate_and_save(self) -> None:
-        """Held-out evaluation; rank 0 writes ``best/`` when it improved and always ``last/``."""
+        """Validation and test evaluation; rank 0 writes ``best/`` when validation improved and always ``last/``.
+
+        Only the validation accuracy chooses (best checkpoint, early stop); the test figures are recorded.
+        """
         config = self.config
-        self.final = evaluate(
-            self.model, self.x_test, self.y_test, config.batch_size * 4, self.device, self.bf16, self.world
-        )
+        args = (config.batch_size * 4, self.device, self.bf16, self.world)
+        self.final = evaluate(self.model, self.x_val, self.y_val, *args)
+        test = evaluate(self.model, self.x_test, self.y_test, *args)
         train, self.running = self.running.over_ranks(self.world), RunningSums()
         self.history.append(
             {
                 "step": self.step,
                 "train_loss": train.loss,
                 "train_accuracy": train.accuracy,
-                "test_loss": self.final["loss"],
-                "test_accuracy": self.final["accuracy"],
+                "val_loss": self.final["loss"],
+                "val_accuracy": self.final["accuracy"],
+                "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"],
             }
         )
         log.info(
-            "%s step %d: held-out accuracy %.4f (loss %.4f)",
+            "%s step %d: validation accuracy %.4f (loss %.4f), test %.4f",
             self.task.name,
             self.step,
             self.final["accuracy"],
             self.final["loss"],
+            test["accuracy"],
         )
-        metrics = {"test_accuracy": self.final["accuracy"], "test_loss": self.final["loss"], "step": self.step}
+        metrics = {
+            "val_accuracy": self.final["accuracy"],
+            "val_loss": self.final["loss"],
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "step": self.step,
+            "chosen_on": "val" if config.val_fraction else "test",
+        }
         improved = self.final["accuracy"] > self.best
         if improved:
-            self.best = self.final["accuracy"]
+            self.best, self.best_test = self.final["accuracy"], test
         if self.world.is_main:
             if improved:
                 save_checkpoint(config.out / "best", self.model, self.task, config.backbone, metrics, self.meta)
             state = {
                 "step": self.step,
                 "best": self.best,
+                "best_test": self.best_test,
                 "history": self.history,
                 "optimizer": self.optimizer.state_dict(),
             }
@@ -294,6 +333,28 @@ class TaskRun:
             total_params=self.total,
             rank=self.world.rank,
         )
+
+
+def carve_validation(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((x, y) to train on, (x, y) to validate on): a seeded random ``fraction`` of the training data."""
+    n_val = round(len(x) * fraction) if fraction else 0
+    n_val = min(max(n_val, 1 if fraction else 0), len(x) - 1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 7919 + 17))
+    val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def model_options(config: TrainConfig) -> ModelOptions:
+    """The model options a training config names."""
+    return ModelOptions(
+        train=tuple(config.train),
+        dropout=config.dropout,
+        input_gain=config.input_gain,
+        input_hidden_layers=config.input_hidden_layers,
+        output_hidden_layers=config.output_hidden_layers,
+    )
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -377,13 +438,13 @@ def _check_resumable(config: TrainConfig, task) -> None:
         )
 
 
-def _restore(config: TrainConfig, model: FPT, optimizer, device) -> tuple[int, float, list]:
+def _restore(config: TrainConfig, model: FPT, optimizer, device) -> tuple[int, float, list, dict]:
     last = config.out / "last"
     restored, _, _ = load_checkpoint(last, backbone=config.backbone)
     model.load_state_dict(restored.trainable_state(), strict=False)
     state = torch.load(last / TRAINER_STATE_FILE, map_location=device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["best"], state["history"]
+    return state["step"], state["best"], state["history"], state.get("best_test", {})
 
 
 def _jsonable(config: TrainConfig, skip: tuple[str, ...] = ()) -> dict:
@@ -393,8 +454,18 @@ def _jsonable(config: TrainConfig, skip: tuple[str, ...] = ()) -> dict:
 def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     """Held-out loss and accuracy of a saved checkpoint: ``{"task", "examples", "loss", "accuracy"}``."""
     dev = resolve_device(config.device)
-    model, task, _ = load_checkpoint(config.checkpoint)
-    data = task.load_data("test", config.data_dir, config.download, seed=0)
-    inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    model, task, ckpt = load_checkpoint(config.checkpoint)
+    if config.split == "test":
+        data = task.load_data("test", config.data_dir, config.download, seed=0)
+        inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    else:  # the validation split the run carved, recomputed from its recorded seed and fraction
+        saved = ckpt.get("train_config", {})
+        seed, fraction = saved.get("seed", 0), saved.get("val_fraction", 0.0)
+        if not fraction:
+            raise CheckpointError(f"{config.checkpoint} was trained without a validation split; use --split test")
+        data = task.load_data("train", config.data_dir, config.download, seed=seed)
+        _, (inputs, labels) = carve_validation(
+            torch.from_numpy(data.inputs), torch.from_numpy(data.labels), fraction, seed
+        )
     result = evaluate(model.to(dev), inputs, labels, config.batch_size, dev, dev.type == "cuda")
-    return {"task": task.name, "examples": len(data.labels), **result}
+    return {"task": task.name, "split": config.split, "examples": len(labels), **result}

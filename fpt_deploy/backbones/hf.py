@@ -38,6 +38,8 @@ TINY_BERT_CONFIG = dict(
     hidden_act="gelu",
     vocab_size=64,
 )
+GPT2_MEDIUM_CONFIG = dict(n_embd=1024, n_layer=24, n_head=16)  # GPT2Config's defaults are GPT-2 small
+GPT2_LARGE_CONFIG = dict(n_embd=1280, n_layer=36, n_head=20)
 TINY_GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=64, bos_token_id=0, eos_token_id=0)
 
 
@@ -171,6 +173,18 @@ RANDOM_GPT2 = BackboneEntry(
     source=CONFIG_ONLY,
     loader=partial(_random, "gpt2", {}),
 )
+RANDOM_GPT2_MEDIUM = BackboneEntry(
+    name="random-gpt2-medium",
+    description="GPT-2 medium shapes, random init (the paper's ablation)",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "gpt2", GPT2_MEDIUM_CONFIG),
+)
+RANDOM_GPT2_LARGE = BackboneEntry(
+    name="random-gpt2-large",
+    description="GPT-2 large shapes, random init (the paper's ablation)",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "gpt2", GPT2_LARGE_CONFIG),
+)
 TINY_BERT = BackboneEntry(
     name="tiny-bert",
     description="2-layer, 32-wide BERT, random: for tests and smoke runs",
@@ -183,7 +197,18 @@ TINY_GPT2 = BackboneEntry(
     source=CONFIG_ONLY,
     loader=partial(_random, "gpt2", TINY_GPT2_CONFIG),
 )
-BUILTIN_BACKBONES = (MINILM, GPT2, GPT2_MEDIUM, GPT2_LARGE, RANDOM_MINILM, RANDOM_GPT2, TINY_BERT, TINY_GPT2)
+BUILTIN_BACKBONES = (
+    MINILM,
+    GPT2,
+    GPT2_MEDIUM,
+    GPT2_LARGE,
+    RANDOM_MINILM,
+    RANDOM_GPT2,
+    RANDOM_GPT2_MEDIUM,
+    RANDOM_GPT2_LARGE,
+    TINY_BERT,
+    TINY_GPT2,
+)
 
 
 def read_minilm_config() -> dict:

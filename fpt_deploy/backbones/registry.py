@@ -95,6 +95,12 @@ def list_backbones() -> list[BackboneEntry]:
     return list(_REGISTRY.values())
 
 
+def load_lstm_by_name(name: str):
+    from fpt_deploy.backbones.lstm import load_lstm_by_name
+
+    return load_lstm_by_name(name)
+
+
 def load_backbone(name: str):
     """The frozen body registered as ``name``, or loaded from a local Hugging Face folder or a hub id.
 
@@ -104,6 +110,8 @@ def load_backbone(name: str):
     if name not in _CACHE:
         if name in _REGISTRY:
             body = _REGISTRY[name].loader()
+        elif (lstm := load_lstm_by_name(name)) is not None:  # random-lstm-<width>
+            body = lstm
         elif is_checkpoint(name):  # a trained body: the paper's Bit-Memory-pretrained start
             body = body_from_checkpoint(name)
         elif Path(name).is_dir():
