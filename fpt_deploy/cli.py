@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Literal
 
 import typer
@@ -24,6 +23,7 @@ from fpt_deploy.errors import FptDeployError
 from fpt_deploy.export.config import ExportConfig
 from fpt_deploy.export.triton import TritonConfig
 from fpt_deploy.serving.config import PredictConfig, ServeConfig
+from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
 from fpt_deploy.training.config import EvaluateConfig, TrainConfig
 
 app = typer.Typer(
@@ -245,52 +245,19 @@ def _write_triton(config: TritonConfig) -> None:
     )
 
 
-def _engine_option(name: str):
-    """The ``build-engine`` option for ``EngineConfig``'s field ``name``: default and help come from the field."""
-    from dataclasses import fields
-
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
-
-    f = next(f for f in fields(EngineConfig) if f.name == name)
-    return typer.Option(f.default, help=f.metadata["help"])
-
-
 @app.command("build-engine")
 @_user_errors
-def build_engine(
-    repo: Path = _engine_option("repo"),
-    fingerprint: str = _engine_option("fingerprint"),
-    fp16: bool = _engine_option("fp16"),
-    max_batch: int = _engine_option("max_batch"),
-    max_len: int = _engine_option("max_len"),
-    max_tasks: int = _engine_option("max_tasks"),
-    opt_batch: int = _engine_option("opt_batch"),
-    opt_len: int = _engine_option("opt_len"),
-    workspace_gib: float = _engine_option("workspace_gib"),
-    atol: float = _engine_option("atol"),
-) -> None:
+@options_from(EngineConfig)
+def build_engine(config: Callable[..., EngineConfig]) -> None:
     """Build a TensorRT engine of the backbone, wrapped with a Gather by task index from resident norm tables.
 
     Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy[gpu]'`), no torch. Checks
     the engine against ONNX Runtime at the smallest, the tuned and the largest shape, then records it in
     the repository with its limits and the task order of its norm tables.
     """
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
     from fpt_deploy.serving.runtimes.tensorrt import build_engine as build
 
-    config = EngineConfig(
-        repo=repo,
-        fingerprint=fingerprint or None,
-        fp16=fp16,
-        max_batch=max_batch,
-        max_len=max_len,
-        max_tasks=max_tasks,
-        opt_batch=opt_batch,
-        opt_len=opt_len,
-        workspace_gib=workspace_gib,
-        atol=atol,
-    )
-    result = build(config)
+    result = build(config())
     parity = ", ".join(f"{point}: {diff:.2e}" for point, diff in result.parity.items())
     typer.echo(
         f"{result.path}: {result.variant} in {result.seconds:.0f}s; max |TensorRT - ONNX Runtime| at {parity}; "

@@ -520,7 +520,10 @@ class EngineConfig:
     repo: Path = field(default=Path("deploy"), metadata={"help": "Deployment repository holding the backbone."})
     fingerprint: str | None = field(
         default=None,
-        metadata={"help": "Backbone fingerprint (prefix) when the repository holds several."},
+        metadata={
+            "help": "Backbone fingerprint (prefix) when the repository holds several.",
+            "aliases": ("--backbone",),
+        },
     )
     fp16: bool = field(
         default=False,
