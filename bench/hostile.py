@@ -311,8 +311,15 @@ def _attack(port: int, path: str, big: bytes, seconds: float, out) -> None:
                 except OSError:
                     results.append("refused while sending")
                     return
-                answer = s.recv(256)
-                results.append(answer.split(b"\r\n", 1)[0].decode() or "closed")
+                s.settimeout(0.2)
+                while not stop.is_set():  # held open until the server answers or the window ends
+                    try:
+                        answer = s.recv(256)
+                    except TimeoutError:
+                        continue
+                    results.append(answer.split(b"\r\n", 1)[0].decode() or "closed")
+                    return
+                results.append("held open")
         except OSError as e:
             results.append(type(e).__name__)
 
@@ -342,7 +349,11 @@ def _attack(port: int, path: str, big: bytes, seconds: float, out) -> None:
 
 
 def under_attack(srv: Server, path: str, big: bytes, good: tuple, expected: list, seconds: float) -> dict:
-    """A correct request's latency and the server's RSS and CPU, idle and while attackers run."""
+    """A correct request's latency and the server's RSS and CPU, in idle windows and attacked windows.
+
+    The windows alternate (idle, attacked, idle, ...), so a change in the machine's other load shows in
+    both; the attackers run in a child process, so the measuring client never waits for their GIL.
+    """
     import multiprocessing
 
     import psutil
@@ -361,34 +372,45 @@ def under_attack(srv: Server, path: str, big: bytes, good: tuple, expected: list
             health.append(time.perf_counter() - t0)
         return busy, health, (sum(server.cpu_times()[:2]) - cpu0) / window
 
-    idle_before, idle_health, idle_cpu = measure(3.0)
+    rounds, window = 3, seconds / 3
+    idle, attacked, attacks, rounds_ms = ([], [], []), ([], [], []), [], []
     idle_rss = srv.rss_mb()
     ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    attacker = ctx.Process(target=_attack, args=(srv.port, path, big, seconds + 1.5, send), daemon=True)
     with RssSampler(srv.proc.pid) as rss:
-        attacker.start()
-        time.sleep(1.0)  # the attackers are running
-        busy, health, attack_cpu = measure(seconds)
-        attacks = receive.recv()
-        attacker.join(60)
-    idle_after = measure(3.0)[0]
+        for _ in range(rounds):
+            quiet = measure(window)
+            receive, send = ctx.Pipe(duplex=False)
+            attacker = ctx.Process(target=_attack, args=(srv.port, path, big, window + 1.0, send), daemon=True)
+            attacker.start()
+            time.sleep(0.5)  # the attackers are running
+            loud = measure(window)
+            attacks.append(receive.recv())
+            attacker.join(60)
+            for (latencies, health, cpu), (part_latencies, part_health, part_cpu) in ((idle, quiet), (attacked, loud)):
+                latencies += part_latencies
+                health += part_health
+                cpu.append(part_cpu)
+            rounds_ms.append((round(statistics.median(quiet[0]) * 1e3, 2), round(statistics.median(loud[0]) * 1e3, 2)))
     ms = lambda xs: round(statistics.median(xs) * 1e3, 2)  # noqa: E731
     p99 = lambda xs: round(float(np.percentile(xs, 99)) * 1e3, 2)  # noqa: E731
     return {
-        "idle_ms_median": ms(idle_before + idle_after),
-        "idle_ms_p99": p99(idle_before + idle_after),
-        "attack_ms_median": ms(busy),
-        "attack_ms_p99": p99(busy),
-        "attack_requests": len(busy),
-        "idle_health_ms_median": ms(idle_health),
-        "attack_health_ms_median": ms(health),
-        "attack_health_ms_max": round(max(health) * 1e3, 2),
-        "server_cpu_idle_s_per_s": round(idle_cpu, 3),
-        "server_cpu_attack_s_per_s": round(attack_cpu, 3),
+        "idle_ms_median": ms(idle[0]),
+        "idle_ms_p99": p99(idle[0]),
+        "attack_ms_median": ms(attacked[0]),
+        "attack_ms_p99": p99(attacked[0]),
+        "rounds_idle_vs_attack_ms": rounds_ms,
+        "attack_requests": len(attacked[0]),
+        "idle_health_ms_median": ms(idle[1]),
+        "attack_health_ms_median": ms(attacked[1]),
+        "attack_health_ms_max": round(max(attacked[1]) * 1e3, 2),
+        "server_cpu_idle_s_per_s": round(statistics.mean(idle[2]), 3),
+        "server_cpu_attack_s_per_s": round(statistics.mean(attacked[2]), 3),
         "idle_rss_mb": round(idle_rss, 1),
         "peak_rss_mb": round(rss.peak, 1),
-        **attacks,
+        "big_requests_refused_413": sum(a["big_requests_refused_413"] for a in attacks),
+        "big_requests_other": [s for a in attacks for s in a["big_requests_other"]][:5],
+        "stalled_60mb": sorted({s for a in attacks for s in a["stalled_60mb"]}),
+        "stalled_valid_size": sorted({s for a in attacks for s in a["stalled_valid_size"]}),
     }
 
 
@@ -527,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repo", type=Path, help="deployment repository with an MNIST task (default: built)")
     p.add_argument("--task", default="mnist")
     p.add_argument("--backbone", default="tiny-bert", help="backbone of the repository built here")
-    p.add_argument("--seconds", type=float, default=8.0, help="how long the attack scenario runs")
+    p.add_argument("--seconds", type=float, default=12.0, help="attacked time, in three windows")
     p.add_argument("--connections", type=int, default=1000, help="connections sending half a header")
     p.add_argument("--fuzz-examples", type=int, default=25)
     p.add_argument("--work", type=Path, help="keep the built repository here and reuse it (default: a temp dir)")

@@ -16,6 +16,11 @@ a subclass that bounds each of these the way nginx does (``large_client_header_b
   bytes instead of ``body_timeout_s``: a stalled upload is dropped at once, a flowing one finishes.
 
 Each closing is reported to ``on_close(reason)`` (the server counts them in /metrics).
+
+Bodies are bounded by the application: ``read_body`` refuses one over its route's limit from its
+Content-Length before reading it (413), and takes its bytes from the server-wide ``BodyBudget``
+(503 beyond it); ``read_json_body`` adds the JSON depth and number-length limits. Every route that
+reads a body (``infer``, the extensions) goes through them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+from fpt_deploy.serving.errors import InvalidInputError, MalformedRequestError, RequestTooLargeError, ServerBusyError
+from fpt_deploy.serving.protocol import JsonLimits, parse_json
+from prometheus_client import Gauge
+from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 # During shutdown an upload may go this long without data before it is dropped.
@@ -195,3 +204,80 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_message(self, size: int) -> str:
         return f"the request line and headers exceed {self.limits.max_header_bytes} bytes ({size} received)"
+
+
+# -- bodies -----------------------------------------------------------------------------------------
+
+
+class BodyBudget:
+    """Request body bytes held across all connections, bounded: beyond ``limit`` a request gets 503.
+
+    Used on the event loop only. A body with a Content-Length reserves it whole before its first byte
+    is read; a chunked body reserves as its bytes arrive.
+    """
+
+    def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
+        self.limit, self.held, self._gauge = limit, 0, gauge
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise ServerBusyError(
+                f"the server holds {self.held} bytes of other requests' bodies (limit {self.limit}); retry later"
+            )
+        self.held += n
+        if self._gauge is not None:
+            self._gauge.set(self.held)
+
+    def give(self, n: int) -> None:
+        self.held -= n
+        if self._gauge is not None:
+            self._gauge.set(self.held)
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytearray, int]:
+    """(body, bytes reserved in ``budget``): 413 from Content-Length before reading, or once over ``limit``.
+
+    The caller gives the reserved bytes back (``budget.give``) once it no longer holds the body, also
+    when this raises: the reservation so far is then in the error's ``reserved`` attribute.
+    """
+    declared = request.headers.get("content-length")
+    reserved = 0
+    try:
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
+                raise MalformedRequestError(f"Content-Length must be an integer, got {declared[:40]!r}")
+            if int(declared) > limit:
+                raise RequestTooLargeError(f"the request body has {declared} bytes; the limit is {limit}")
+            budget.take(int(declared))
+            reserved = int(declared)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > reserved:  # chunked, or more than declared
+                if len(body) > limit:
+                    raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes")
+                budget.take(len(body) - reserved)
+                reserved = len(body)
+        return body, reserved
+    except BaseException as e:
+        e.reserved = reserved
+        raise
+
+
+async def read_json_body(request, budget: BodyBudget, limits: JsonLimits, limit: int = 64 << 10) -> dict:
+    """A small JSON object body (``{}`` when empty), bounded like ``infer``'s: for routes beside it."""
+    body, reserved = b"", 0
+    try:
+        body, reserved = await read_body(request, limit, budget)
+    except BaseException as e:
+        budget.give(getattr(e, "reserved", 0))
+        raise
+    try:
+        if not bytes(body).strip():
+            return {}
+        doc, _ = parse_json(bytes(body), limits)
+    finally:
+        budget.give(reserved)
+    if not isinstance(doc, dict):
+        raise InvalidInputError("the request body must be a JSON object")
+    return doc

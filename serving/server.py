@@ -49,14 +49,17 @@ from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import ServeConfig
 from fpt_deploy.serving.errors import (
     InvalidInputError,
-    MalformedRequestError,
     QueueFullError,
-    RequestTooLargeError,
-    ServerBusyError,
 )
 from fpt_deploy.serving.executor import InferenceResult, MixedBatchExecutor
 from fpt_deploy.serving.grpc_server import start_grpc_server
-from fpt_deploy.serving.http_limits import CLOSED_SCOPE_KEY, ConnectionLimits, limited_protocol
+from fpt_deploy.serving.http_limits import (
+    CLOSED_SCOPE_KEY,
+    BodyBudget,
+    ConnectionLimits,
+    limited_protocol,
+    read_body,
+)
 from fpt_deploy.serving.metrics import ServingMetrics, configure_server_logs
 from fpt_deploy.serving.model import LoadedTask, ServingModel
 from fpt_deploy.serving.openapi import CORE_PATHS, build_document
@@ -121,31 +124,6 @@ def _select_outputs(task: LoadedTask, result: InferenceResult, request) -> list[
     return [(n, arrays[n], request.wants_binary(n)) for n in names]
 
 
-class BodyBudget:
-    """Request body bytes held across all connections, bounded: beyond ``limit`` a request gets 503.
-
-    Used on the event loop only. A body with a Content-Length reserves it whole before its first byte
-    is read; a chunked body reserves as its bytes arrive.
-    """
-
-    def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
-        self.limit, self.held, self._gauge = limit, 0, gauge
-
-    def take(self, n: int) -> None:
-        if self.held + n > self.limit:
-            raise ServerBusyError(
-                f"the server holds {self.held} bytes of other requests' bodies (limit {self.limit}); retry later"
-            )
-        self.held += n
-        if self._gauge is not None:
-            self._gauge.set(self.held)
-
-    def give(self, n: int) -> None:
-        self.held -= n
-        if self._gauge is not None:
-            self._gauge.set(self.held)
-
-
 class LimitMetrics:
     """What the limits refused or closed, beside ``ServingMetrics`` on its registry."""
 
@@ -203,36 +181,6 @@ class ServerState:
         self.batcher.close(timeout)
         self.model.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-
-
-async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytearray, int]:
-    """(body, bytes reserved in ``budget``): 413 from Content-Length before reading, or once over ``limit``.
-
-    The caller gives the reserved bytes back (``budget.give``) once it no longer holds the body, also
-    when this raises: the reservation so far is then in the error's ``reserved`` attribute.
-    """
-    declared = request.headers.get("content-length")
-    reserved = 0
-    try:
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
-                raise MalformedRequestError(f"Content-Length must be an integer, got {declared[:40]!r}")
-            if int(declared) > limit:
-                raise RequestTooLargeError(f"the request body has {declared} bytes; the limit is {limit}")
-            budget.take(int(declared))
-            reserved = int(declared)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > reserved:  # chunked, or more than declared
-                if len(body) > limit:
-                    raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes")
-                budget.take(len(body) - reserved)
-                reserved = len(body)
-        return body, reserved
-    except BaseException as e:
-        e.reserved = reserved
-        raise
 
 
 def _decode(

@@ -359,6 +359,19 @@ def test_disconnect_mid_body_is_not_a_server_error(server):
     assert_unharmed(server)
 
 
+def test_keep_alive_serves_requests_in_turn_then_closes_when_idle(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for _ in range(3):  # each request's header clock starts at its own first byte
+            conn.request("POST", VEC, body=GOOD)
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["outputs"] == server.reference
+        assert conn.sock.recv(10) == b""  # closed by the server after the 1 s keep-alive timeout
+    finally:
+        conn.close()
+    assert_unharmed(server)
+
+
 def test_garbage_http_gets_400(server):
     status, _, closed = raw_exchange(server.port, b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
     assert status == 400 and closed
@@ -554,3 +567,30 @@ def test_server_error_answers_500_without_internal_text(synthetic_repo, caplog):
         assert "request abc-1" in record.getMessage() and record.exc_info is not None  # the traceback
     finally:
         state.close(5)
+
+
+def test_json_bodies_of_extension_routes_are_bounded_too():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+    from fpt_deploy.serving.http_limits import BodyBudget, read_json_body
+
+    from fpt_deploy.errors import FptDeployError
+
+    budget = BodyBudget(1 << 20)
+    app = FastAPI()
+
+    async def ext(request):
+        try:
+            return JSONResponse(await read_json_body(request, budget, JsonLimits(max_depth=8), limit=1024))
+        except FptDeployError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    app.add_route("/ext", ext, methods=["POST"])
+    client = TestClient(app)
+    assert client.post("/ext", content=b'{"ready": true}').json() == {"ready": True}
+    assert client.post("/ext", content=b"").json() == {}
+    assert client.post("/ext", content=b"{" + b" " * 2000 + b"}").status_code == 413
+    assert client.post("/ext", content=b'{"a": ' + deep(20).encode() + b"}").status_code == 400
+    assert client.post("/ext", content=b"[1]").status_code == 400
+    assert budget.held == 0  # every reservation given back
