@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "fpt_deploy.tasks"
 # Imported when fpt-deploy's own entry points are missing (a source tree used without installing it).
-_BUILTIN_MODULES = ("bits", "images", "listops", "declared")
+_BUILTIN_MODULES = ("bits", "images", "listops", "lra", "homology", "declared")
 _DECLARATION_KEYS = ("kind", "file", "fitted")
 
 
