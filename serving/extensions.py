@@ -64,8 +64,8 @@ class RepositoryControl:
         self.state, self.repo, self.mode, self.poll_interval = state, Path(repo), mode, poll_interval
         self._lock = threading.Lock()  # one load or unload at a time (API calls and the poller)
         self._stop = threading.Event()
-        self._checksums = self._listed_checksums()  # name -> file checksums of what is loaded
-        self._checksums = {n: c for n, c in self._checksums.items() if n in self.state.model.tasks}
+        listed = self._listed_checksums()
+        self._checksums = {n: c for n, c in listed.items() if n in state.model.tasks}  # of what is loaded
         self._poller = None
         if mode == "poll":
             self._poller = threading.Thread(target=self._poll, name="fpt-repository-poll", daemon=True)
@@ -297,18 +297,10 @@ def router(state) -> APIRouter:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def json_body(request: Request) -> dict:
-        body = await request.body()
-        if not body.strip():
-            return {}
-        import json
+        """A small JSON object body, bounded and counted as ``infer``'s are (``http_limits``)."""
+        from fpt_deploy.serving.http_limits import read_json_body
 
-        try:
-            doc = json.loads(body)
-        except ValueError as e:
-            raise InvalidInputError(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise InvalidInputError("the request body must be a JSON object")
-        return doc
+        return await read_json_body(request, state.budget, state.json_limits)
 
     async def guarded(fn):
         try:

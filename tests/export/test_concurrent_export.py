@@ -53,19 +53,6 @@ def test_a_killed_writer_releases_the_lock(tmp_path):
         pass
 
 
-def _train(root, task: str):
-    from tests.conftest import train_tiny
-
-    return train_tiny(root / task, task, steps=2)
-
-
-@pytest.fixture(scope="module")
-def three_checkpoints(tiny_checkpoints, tmp_path_factory) -> dict:
-    """Three tasks on tiny-bert: mnist and bit-xor (shared fixtures) and bit-memory."""
-    root = tmp_path_factory.mktemp("ckpt3")
-    return {**tiny_checkpoints, "bit-memory": _train(root, "bit-memory")}
-
-
 def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedProcess]:
     """Start one ``fpt-deploy export`` process per checkpoint into ``repo``, all at once; wait for all."""
     procs = [
@@ -80,17 +67,21 @@ def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedPro
     return [subprocess.CompletedProcess(p.args, p.wait(), None, p.stderr.read()) for p in procs]
 
 
-def test_concurrent_exports_of_different_tasks_all_land_and_serve(three_checkpoints, tmp_path):
+def test_concurrent_exports_of_different_tasks_all_land_and_serve(tiny_checkpoints, tmp_path):
+    """The issue's report: two exports of different tasks at once, both exit 0, one task missing.
+
+    bench/concurrent_export.py runs the same with more processes, many times.
+    """
     from fpt_deploy.serving import ServeConfig, ServingModel
 
     repo = tmp_path / "deploy"
-    for done in export_concurrently(three_checkpoints, repo):
+    for done in export_concurrently(tiny_checkpoints, repo):
         assert done.returncode == 0, done.stderr[-3000:]
     listed = open_repository(repo)
-    assert set(listed.tasks) == set(three_checkpoints)
-    assert len(listed.backbones) == 1  # the one body, exported once and reused by the other writers
-    model = ServingModel(ServeConfig(repo=repo))
+    assert set(listed.tasks) == set(tiny_checkpoints)
+    assert len(listed.backbones) == 1  # the one body, exported once and reused by the other writer
+    model = ServingModel(ServeConfig(repo=repo, threads=1))
     try:
-        assert set(model.tasks) == set(three_checkpoints)
+        assert set(model.tasks) == set(tiny_checkpoints)
     finally:
         model.close()
