@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fpt_deploy.serving.runtimes import runtime_names
 
@@ -114,6 +115,22 @@ class ServeConfig(RuntimeConfig):
         default=30.0,
         metadata={"help": "Shutdown grace: in-flight requests finish within it; stalled uploads are dropped."},
     )
+    # Operating the server (serving/extensions.py, serving/grpc_server.py): gRPC, live task loading, logs.
+    grpc_port: int | None = field(
+        default=None,
+        metadata={"help": "Also serve the KServe v2 gRPC protocol (tritonclient.grpc) on this port, e.g. 8001."},
+    )
+    model_control_mode: Literal["none", "explicit", "poll"] = field(
+        default="none",
+        metadata={
+            "help": "As Triton's: none serves the tasks found at start-up; explicit also loads and unloads "
+            "tasks through /v2/repository/models/<task>/load and /unload; poll follows the manifest."
+        },
+    )
+    poll_interval: float = field(
+        default=5.0, metadata={"help": "Seconds between two reads of the manifest in poll mode."}
+    )
+    access_log: bool = field(default=False, metadata={"help": "Log one line per HTTP request."})
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo)
@@ -121,6 +138,12 @@ class ServeConfig(RuntimeConfig):
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be within 0..65535 (got {self.port})")
         problems += self.limit_problems()
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            problems.append(f"grpc port must be within 0..65535 (got {self.grpc_port})")
+        if self.model_control_mode not in ("none", "explicit", "poll"):
+            problems.append(f"model control mode must be none, explicit or poll (got {self.model_control_mode!r})")
+        if not self.poll_interval > 0:
+            problems.append(f"poll interval must be > 0 seconds (got {self.poll_interval})")
         collect(problems)
 
     def limit_problems(self) -> list[str]:
