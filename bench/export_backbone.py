@@ -10,9 +10,11 @@ The graphs are the ones ``fpt-deploy export`` writes (``export.write_backbone_gr
 ``export.quantize_backbone_int8``), built in a temporary folder. Each contender runs in short rounds
 that alternate between contenders, and the best round counts: on a machine shared with other work
 that is the figure closest to what the contender can do. Rows per second; ratios against PyTorch
-measured in the same run; int8 against fp32 as exported. ``--fp32-residual-sums`` also times the fp32
-graph with the int8 graph's one structural change (``export.quantize.residual_sums``), which tells the
-part of the int8 speed-up that is quantization from the part that is the avoided SkipLayerNorm kernel.
+measured in the same run; int8 against fp32 as exported. The files are the portable ones, timed as
+they are (``bench.suite`` times them as the server loads them, rewritten by the ORT runtime).
+``--fp32-residual-sums`` also times the fp32 graph with one step of that rewrite
+(``serving.runtimes.ort_rewrite.residual_sums``): the part of its speed-up that is the avoided
+SkipLayerNorm kernel.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             quantize_backbone_int8(graphs["ort fp32"], graphs["ort int8 sq"], calibration=calib, alpha=args.smoothquant)
         if args.fp32_residual_sums:
             import onnx
-            from fpt_deploy.export.quantize import residual_sums
+            from fpt_deploy.serving.runtimes.ort_rewrite import residual_sums
 
             model = onnx.load(str(graphs["ort fp32"]))
             residual_sums(model)

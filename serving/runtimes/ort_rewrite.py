@@ -6,7 +6,8 @@ ONNX runtime read. ONNX Runtime runs faster on a copy rewritten for it (``rewrit
 1. ``residual_sums``: each residual ``Add`` feeding a ``LayerNormalization`` becomes ``Sum`` (same
    arithmetic). ONNX Runtime's CPU provider would otherwise fuse the pair into
    ``SkipLayerNormalization``, whose kernel is much slower than the two ops it replaces
-   (BENCHMARKS.md). Done first, so the fusions below do not build that op either.
+   (``python -m bench.export_backbone --fp32-residual-sums`` measures it). Done first, so the fusions
+   below do not build that op either.
 2. onnxscript's ``optimize_for_ort`` (the rewriter ONNX Runtime's own tools use for dynamo-exported
    models): scaled-dot-product attention becomes one ``MultiHeadAttention``, the erf GELU with its
    bias one ``BiasGelu`` (both ``com.microsoft``).
@@ -145,6 +146,18 @@ def residual_sums(model) -> int:
     return count
 
 
+_ORT_TYPES = {  # ONNX Runtime's input type names -> numpy dtypes, for parity feeds of any graph
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(bool)": "bool",
+}
+
+
 def parity_feeds(session, rows: int = 3, length: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
     """A small random batch for ``session``'s graph.
 
@@ -158,10 +171,9 @@ def parity_feeds(session, rows: int = 3, length: int = 7, seed: int = 0) -> dict
         feeds = {}
         for i in session.get_inputs():
             shape = [d if isinstance(d, int) else rows for d in i.shape]
-            if "float" in i.type:
-                feeds[i.name] = rng.standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32)
-            else:
-                feeds[i.name] = np.ones(shape, np.int32 if "int32" in i.type else np.int64)
+            dtype = np.dtype(_ORT_TYPES.get(i.type, "float32"))
+            sample = rng.standard_normal(shape) if dtype.kind == "f" else np.ones(shape)
+            feeds[i.name] = sample.astype(dtype)
         return feeds
     d, n = shapes["hidden"][2], shapes["norm_weight"][1]
     if not (isinstance(d, int) and isinstance(n, int)):

@@ -69,8 +69,11 @@ def _count_rewrites(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
-@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "child-process"])
+@pytest.mark.parametrize(
+    ("name", "in_child"),
+    [("tiny-bert", False), ("tiny-gpt2", False), ("tiny-bert", True)],  # the child runs the same code
+    ids=["tiny-bert", "tiny-gpt2", "tiny-bert-child-process"],
+)
 def test_rewritten_backbone_uses_fused_ops_and_matches_the_portable_graph(
     name, in_child, backbone_files, tmp_path, monkeypatch
 ):
@@ -275,3 +278,20 @@ def test_the_int8_variant_is_rewritten_too_and_keeps_its_integer_kernels(backbon
         ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
     assert "DynamicQuantizeMatMul" in ops and "SkipLayerNormalization" not in ops, ops
+
+
+def test_parity_feeds_fit_any_graph_not_only_a_backbone():
+    """The benchmarks' whole-task graphs (raw uint8 images in) go through the same rewrite and check."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT), helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.UINT8, ["batch", 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 28, 28])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = parity_feeds(session, rows=3)
+    assert feeds["input"].dtype == np.uint8 and feeds["input"].shape == (3, 28, 28)
+    assert session.run(None, feeds)[0].shape == (3, 28, 28)
