@@ -59,3 +59,33 @@ def test_thousand_tasks_share_two_head_sessions_and_answer_like_predict(thousand
         np.testing.assert_allclose(served[name], alone.logits, atol=1e-4)
         answers.add(alone.logits.tobytes())
     assert len(answers) == len(sample)  # the tasks really differ: a wrong row would be caught
+
+
+def test_a_format_1_repository_is_served_with_each_tasks_own_heads(synthetic_repo, make_inputs, tmp_path):
+    """A repository the previous version wrote (manifest and task files /1, no shared heads) still serves."""
+    import json
+
+    root = Path(shutil.copytree(synthetic_repo, tmp_path / "old"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format"] = "fpt-deploy-repository/1"
+    manifest.pop("heads", None)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for task_file in root.glob("tasks/*/task.json"):
+        data = json.loads(task_file.read_text())
+        data["format"] = "fpt-deploy-task/1"
+        data.pop("heads", None)
+        task_file.write_text(json.dumps(data))
+    old, new = (ServingModel(RuntimeConfig(repo=r, threads=1)) for r in (root, synthetic_repo))
+    try:
+        assert all(not t.heads.shared for t in old.tasks.values())  # two sessions each, as before
+        raw = make_inputs("tok", 4, np.random.default_rng(2))
+        logits = []
+        for model in (old, new):
+            task = model.task("tok")
+            hidden, mask = task.run_input_head(raw)
+            last = model.runtime.run_backbone(hidden, mask, np.full(len(raw), task.index, np.int64))
+            logits.append(task.run_output_head(last, mask))
+        np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+    finally:
+        old.close()
+        new.close()
