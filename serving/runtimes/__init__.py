@@ -1,10 +1,11 @@
-"""Backbone runtimes as plug-ins: one module per runtime, one registry by name (docs/architecture.md, "Runtimes").
+"""Backbone runtimes as plug-ins: one module per runtime, one registry by name.
 
-Adding a runtime is one new module with a ``Runtime`` subclass and one line in ``_BUILT_IN`` below
-(``"name": "module:Class"``); ``--runtime`` lists whatever ``runtime_names()`` returns. A runtime
-from another package registers with the ``register_runtime`` decorator or an entry point in the
-``fpt_deploy.runtimes`` group (same ``"module:Class"`` form). Modules load only when their runtime
-is created, so importing this package never imports CUDA or TensorRT.
+Adding a runtime (docs/architecture.md, "Where each kind of change goes") is one new module with a
+``Runtime`` subclass and one line in ``_BUILT_IN`` below (``"name": "module:Class"``); ``--runtime``
+lists whatever ``runtime_names()`` returns. A runtime from another package registers with the
+``register_runtime`` decorator or an entry point in the ``fpt_deploy.runtimes`` group (same
+``"module:Class"`` form). Modules load only when their runtime is created, so importing this package
+never imports CUDA or TensorRT.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The interface every backbone runtime implements (docs/architecture.md, "Runtimes"). Torch-free.
+"""The interface every backbone runtime implements (docs/architecture.md, "The body contract"). Torch-free.
 
 A runtime holds the norm tables of the served tasks, (T, N_norm, D) each, and runs a batch that mixes
 tasks given one ``task_index`` per row: row ``i`` of the tables is the task with index ``i``. Tables
