@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
@@ -451,7 +452,7 @@ def stalled_connections(srv: Server, path: str, good_body: bytes, connections: i
             "closed": closed,
             "all_closed_s": round(time.perf_counter() - t0, 2),
         },
-        "open_connections_after": srv.metric("fpt_connections_closed_total"),
+        "connections_closed_total": srv.metric("fpt_connections_closed_total"),
     }
 
 
@@ -574,7 +575,12 @@ def main(argv: list[str] | None = None) -> dict:
                 [row] * 20_000
             )
             big = big[: 60 * MB - 3] + b"]}]"
-            results = {"server_defaults": "ServeConfig defaults, threads=1", "repo": str(repo)}
+            results = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f} at start",
+                "server": "ServeConfig defaults (threads=1)",
+                "repo": str(repo),
+            }
             table = found_cases(srv, path)
             table.append(disconnect_case(srv, path))
             results["big_json"] = big_json_refusal(srv, path, big)
@@ -601,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["failures_500"] = srv.metric('fpt_inference_failures_total{code="500"')
         finally:
             srv.stop()
+        results["load_average_at_end"] = round(os.getloadavg()[0], 1)
         results["sigterm"] = sigterm_with_stalled_upload(repo, work / "sigterm.log", path, good[0], 30.0)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,8 @@ by adding their entries to ``app.state.openapi_paths`` when they are included.
 
 from __future__ import annotations
 
+import copy
+
 JSON = "application/json"
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -258,3 +260,20 @@ def build_document(paths: dict[str, dict], version: str, title: str = "fpt-deplo
         "paths": paths,
         "components": {"schemas": SCHEMAS},
     }
+
+
+def with_examples(doc: dict, models: list[str], infer_example: dict | None = None) -> dict:
+    """A copy of ``doc`` whose ``name`` parameters list the served models as examples, and whose infer
+    bodies carry ``infer_example``: API tools and fuzzers then reach the models, not only 404s."""
+    doc = copy.deepcopy(doc)
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                if param.get("in") == "path" and param["name"] == "name" and models:
+                    param["schema"]["examples"] = list(models)
+                elif param.get("in") == "path" and param["name"] == "version":
+                    param["schema"]["examples"] = ["1"]
+            body = operation.get("requestBody", {}).get("content", {}).get(JSON)
+            if infer_example is not None and body is not None and path.endswith("/infer"):
+                body["example"] = infer_example
+    return doc

@@ -62,7 +62,7 @@ from fpt_deploy.serving.http_limits import (
 )
 from fpt_deploy.serving.metrics import ServingMetrics, configure_server_logs
 from fpt_deploy.serving.model import LoadedTask, ServingModel
-from fpt_deploy.serving.openapi import CORE_PATHS, build_document
+from fpt_deploy.serving.openapi import CORE_PATHS, build_document, with_examples
 from fpt_deploy.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -362,7 +362,15 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
 
     @app.get("/openapi.json")
     async def openapi():
-        return JSONResponse(openapi_document(app))
+        tasks = state.model.tasks
+        example = None
+        if tasks:  # one row of ones for the first model: a request that succeeds
+            task = next(iter(tasks.values()))
+            shape = [1, *task.example_shape]
+            ones = [1] * int(np.prod(shape))
+            datatype = triton_dtype(task.input_dtype)
+            example = {"inputs": [{"name": task.input_name, "datatype": datatype, "shape": shape, "data": ones}]}
+        return JSONResponse(with_examples(openapi_document(app), list(tasks), example))
 
     return app
 

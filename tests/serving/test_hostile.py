@@ -472,13 +472,15 @@ def test_openapi_describes_exactly_the_routes(synthetic_repo):
     from fastapi.routing import APIRoute
     from fastapi.testclient import TestClient
     from fpt_deploy.serving import ServeConfig
+    from fpt_deploy.serving.openapi import CORE_PATHS
     from fpt_deploy.serving.server import ServerState, create_app
     from starlette.routing import Route
 
     state = ServerState.load(ServeConfig(repo=synthetic_repo, threads=1))
     try:
         app = create_app(state)
-        doc = TestClient(app).get("/openapi.json").json()
+        client = TestClient(app)
+        doc = client.get("/openapi.json").json()
         assert doc["openapi"].startswith("3.") and "InferenceRequest" in doc["components"]["schemas"]
         served = {
             (r.path, m.lower())
@@ -491,6 +493,13 @@ def test_openapi_describes_exactly_the_routes(synthetic_repo):
         assert served == described
         infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
         assert {"400", "404", "408", "413", "431", "503"} <= set(infer["responses"])
+        # the served models are the name examples, and the example request is one they answer
+        (name,) = [p for p in infer["parameters"] if p["name"] == "name"]
+        assert name["schema"]["examples"] == list(state.model.tasks)
+        example = infer["requestBody"]["content"]["application/json"]["example"]
+        answer = client.post(f"/v2/models/{name['schema']['examples'][0]}/infer", json=example)
+        assert answer.status_code == 200, answer.text
+        assert CORE_PATHS["/v2/models/{name}"]["get"]["parameters"][0]["schema"] == {"type": "string"}  # unchanged
     finally:
         state.close(5)
 
