@@ -102,11 +102,13 @@ def main() -> None:
             + ("" if result["ok"] else f"  FAILED {result['errors']}"),
             flush=True,
         )
+        if args.out:  # after every run, so an interrupted series keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps({"processes": len(checkpoints), "tasks": args.tasks, "runs": runs}, indent=2)
+            )
     ok = sum(r["ok"] for r in runs)
     print(f"{ok}/{len(runs)} runs: all {len(checkpoints)} tasks listed and servable ({platform.processor() or 'cpu'})")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"processes": len(checkpoints), "tasks": args.tasks, "runs": runs}, indent=2))
     sys.exit(0 if ok == len(runs) else 1)
 
 

@@ -40,6 +40,18 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes = b"") -> tupl
     return response.status, response.read()
 
 
+def call(url: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One request on a connection of its own: the control calls are minutes apart (keep-alive expires)."""
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request(method, path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def body_for(meta: dict, rng) -> bytes:
     spec = meta["inputs"][0]
     shape = [1, *[int(s) for s in spec["shape"][1:]]]
@@ -102,10 +114,7 @@ def main() -> None:
         export([checkpoints[A]], repo)
     with running_server(repo) as (proc, url, _):
         server = psutil.Process(proc.pid)
-        host, port = url.split(":")
-        control = http.client.HTTPConnection(host, int(port), timeout=120)
-        control.request("GET", f"/v2/models/{A}")
-        meta_a = json.loads(control.getresponse().read())
+        meta_a = json.loads(call(url, "GET", f"/v2/models/{A}")[1])
         clients = Clients(url, body_for(meta_a, np.random.default_rng(0)), args.clients)
         for t in clients.threads:
             t.start()
@@ -116,14 +125,13 @@ def main() -> None:
         events = {"export_start": time.perf_counter()}
         events["export_s"] = export([checkpoints[B]], repo)
         events["load_start"] = time.perf_counter()
-        status, text = post(control, f"/v2/repository/models/{B}/load")
+        status, text = call(url, "POST", f"/v2/repository/models/{B}/load")
         events["load_ms"] = 1000 * (time.perf_counter() - events["load_start"])
         assert status == 200, text
-        control.request("GET", f"/v2/models/{B}")
-        body_b = body_for(json.loads(control.getresponse().read()), np.random.default_rng(1))
-        b_status = [post(control, f"/v2/models/{B}/infer", body_b)[0] for _ in range(20)]
+        body_b = body_for(json.loads(call(url, "GET", f"/v2/models/{B}")[1]), np.random.default_rng(1))
+        b_status = [call(url, "POST", f"/v2/models/{B}/infer", body_b)[0] for _ in range(20)]
         t_unload = time.perf_counter()
-        status, text = post(control, f"/v2/repository/models/{B}/unload")
+        status, text = call(url, "POST", f"/v2/repository/models/{B}/unload")
         events["unload_ms"] = 1000 * (time.perf_counter() - t_unload)
         assert status == 200, text
         events["unload_end"] = time.perf_counter()
