@@ -603,3 +603,47 @@ def test_json_bodies_of_extension_routes_are_bounded_too():
     assert client.post("/ext", content=b'{"a": ' + deep(20).encode() + b"}").status_code == 400
     assert client.post("/ext", content=b"[1]").status_code == 400
     assert budget.held == 0  # every reservation given back
+
+
+def _depth(value) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+def test_json_scan_counts_only_outside_strings():
+    """Brackets, digits and escaped quotes inside names never count; the scan agrees with the parser."""
+    import random
+
+    from fpt_deploy.serving.protocol import scan_json
+
+    tight = JsonLimits(max_depth=3, max_number_chars=24)
+    scan_json(b'{"a[[[[[": "]]]]1111111111111111111111111111", "b\\\\": [[1]], "c\\"[[[[": 2}', tight)
+    with pytest.raises(MalformedRequestError, match="more than 3 deep"):
+        scan_json(b'{"a\\\\": [[["x"]]]}', tight)  # the escaped backslash ends in the string; the quote closes it
+    with pytest.raises(MalformedRequestError, match="more than 24 characters"):
+        scan_json(b'{"a": "x", "b": [1234567890123456789012345]}', tight)
+    scan_json(b'"' + b'\\"' * 50_000, tight)  # one unterminated string of escaped quotes: linear, no number runs
+    rng = random.Random(0)
+    alphabet = '[]{}"\\0123456789e.-+ ,:ab'
+
+    def value(level=0):
+        r = rng.random()
+        if level > 6 or r < 0.3:
+            return rng.choice(
+                [rng.randint(-(10**12), 10**12), "".join(rng.choices(alphabet, k=rng.randint(0, 8))), True]
+            )
+        if r < 0.65:
+            return [value(level + 1) for _ in range(rng.randint(0, 4))]
+        return {"".join(rng.choices(alphabet, k=rng.randint(0, 6))): value(level + 1) for _ in range(rng.randint(0, 4))}
+
+    for _ in range(300):
+        doc = value()
+        text = json.dumps(doc).encode()
+        limit = JsonLimits(max_depth=max(_depth(doc), 1), max_number_chars=24)
+        scan_json(text, limit)  # exactly at the limit: accepted
+        if _depth(doc) > 1:
+            with pytest.raises(MalformedRequestError, match="deep"):
+                scan_json(text, JsonLimits(max_depth=_depth(doc) - 1, max_number_chars=24))
