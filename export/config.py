@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
+from fpt_deploy.choices import choice_problems
 from fpt_deploy.errors import collect
 
 MIN_OPSET = 17  # LayerNormalization is a standard op from opset 17 (docs/architecture.md, "The body contract")
@@ -60,7 +61,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         self.tasks = [t.strip() for item in self.tasks for t in item.split(",") if t.strip()]
         self.checkpoints = [Path(c) for c in self.checkpoints]
-        problems = []
+        problems = choice_problems(self)
         if not self.tasks and not self.checkpoints:
             problems.append("name at least one task (--task) or checkpoint (--checkpoint)")
         if self.tasks and self.checkpoints and len(self.tasks) != len(self.checkpoints):
@@ -72,9 +73,6 @@ class ExportConfig:
             problems.append(f"a task is named twice in {', '.join(self.tasks)}")
         if self.opset < MIN_OPSET:
             problems.append(f"opset must be >= {MIN_OPSET} (got {self.opset})")
-        if self.quantize is not None and self.quantize not in get_args(Quantization):
-            choices = ", ".join(get_args(Quantization))
-            problems.append(f"quantize must be one of {choices} (got {self.quantize!r})")
         if not self.atol > 0:
             problems.append(f"atol must be > 0 (got {self.atol})")
         if not 0 <= self.accuracy_tolerance <= 100:

@@ -40,13 +40,14 @@ import dataclasses
 import enum
 import functools
 import inspect
-import types
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import typer
+
+from fpt_deploy.choices import unwrap_optional
 
 _SCALARS = (bool, int, float, str, Path)
 
@@ -130,7 +131,7 @@ def _keyword_only(parameters: list[inspect.Parameter]) -> list[inspect.Parameter
 def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
     """The typer option of field ``f`` and one hidden option per old spelling (``aliases``)."""
     hint = typing.get_type_hints(config_cls)[f.name]
-    base, _ = _unwrap_optional(hint)
+    base, _ = unwrap_optional(hint)
     meta = f.metadata
     if "help" not in meta:
         raise TypeError(f"{config_cls.__name__}.{f.name} needs metadata={{'help': ...}} to be an option")
@@ -166,15 +167,6 @@ def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
         hidden = typer.Option(None, alias, hidden=True)
         options.append(_Option(field=f.name, param=f"{f.name}__alias{i}", annotation=annotation | None, info=hidden))
     return options
-
-
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (it, False)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0], True
-    return hint, False
 
 
 def _choices(item: Any, meta: typing.Mapping) -> list[str] | None:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from fpt_deploy.serving.runtimes import runtime_names
 
+from fpt_deploy.choices import choice_problems
 from fpt_deploy.errors import collect
 
 
@@ -59,7 +60,7 @@ class RuntimeConfig:
     )
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = choice_problems(self)
         if self.runtime not in runtime_names():
             problems.append(f"runtime must be one of {', '.join(runtime_names())} (got {self.runtime!r})")
         if self.max_batch_size < 1:
@@ -140,8 +141,6 @@ class ServeConfig(RuntimeConfig):
         problems += self.limit_problems()
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             problems.append(f"grpc port must be within 0..65535 (got {self.grpc_port})")
-        if self.model_control_mode not in ("none", "explicit", "poll"):
-            problems.append(f"model control mode must be none, explicit or poll (got {self.model_control_mode!r})")
         if not self.poll_interval > 0:
             problems.append(f"poll interval must be > 0 seconds (got {self.poll_interval})")
         collect(problems)

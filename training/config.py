@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
+from fpt_deploy.choices import choice_problems
 from fpt_deploy.errors import collect
 from fpt_deploy.groups import FPT_GROUPS, TrainGroup
 
@@ -104,7 +105,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = choice_problems(self)
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.steps is not None and self.steps < 1:
@@ -113,18 +114,10 @@ class TrainConfig:
             problems.append(f"batch size must be >= 1 (got {self.batch_size})")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.schedule not in (None, *get_args(Schedule)):
-            problems.append(f"schedule must be one of {', '.join(get_args(Schedule))} (got {self.schedule!r})")
         if self.warmup_steps < 0:
             problems.append(f"warmup steps must be >= 0 (got {self.warmup_steps})")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval-every must be >= 1 (got {self.eval_every})")
-        if self.device not in get_args(Device):
-            problems.append(f"device must be one of {', '.join(get_args(Device))} (got {self.device!r})")
-        if self.dist_backend not in get_args(DistBackend):
-            problems.append(
-                f"dist-backend must be one of {', '.join(get_args(DistBackend))} (got {self.dist_backend!r})"
-            )
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val-fraction must be in [0, 1) (got {self.val_fraction})")
         collect(problems)
@@ -159,9 +152,7 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.device not in get_args(Device):
-            problems.append(f"device must be one of {', '.join(get_args(Device))} (got {self.device!r})")
+        problems = choice_problems(self)
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1 (got {self.batch_size})")
         collect(problems)

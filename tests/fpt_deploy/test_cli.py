@@ -50,7 +50,7 @@ def run_dir(tmp_path_factory):
         str(out),
     )
     assert r.exit_code == 0, r.output
-    assert "best held-out accuracy" in r.output and "trainable" in r.output
+    assert "best " in r.output and "accuracy" in r.output and "trainable" in r.output
     return out
 
 
@@ -105,3 +105,10 @@ def test_checkpoint_from_another_body(tmp_path, run_dir):
     (foreign / "config.json").write_text(json.dumps({**config, "fingerprint": "0" * 64}))
     (foreign / "trainable.safetensors").write_bytes((run_dir / "best" / "trainable.safetensors").read_bytes())
     _assert_clean_error(_run("evaluate", "--checkpoint", str(foreign)), "fingerprint")
+
+
+def test_version_comes_from_the_installed_package():
+    from importlib.metadata import version
+
+    r = _run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"fpt-deploy {version('fpt-deploy')}"

@@ -161,3 +161,22 @@ def test_the_real_commands_take_their_options_from_their_configs():
         assert "--" + f.name.replace("_", "-") in serve_help
     assert "--task" in predict_help and "--input" in predict_help and PredictConfig.__doc__
     assert "|".join(runtime_names()) in serve_help  # the runtime choices come from the registry
+
+
+def test_choice_problems_read_the_literal_annotations():
+    from fpt_deploy.choices import choice_problems
+
+    @dataclass(kw_only=True)
+    class Picky:
+        mode: Literal["a", "b"] = "a"
+        maybe: Literal["x"] | None = None
+        many: list[Literal["p", "q"]] = field(default_factory=list)
+        free: str = "anything"
+
+    assert choice_problems(Picky(many=["p", "q"])) == []
+    problems = choice_problems(Picky(mode="c", maybe="y", many=["p", "z"]))
+    assert problems == [
+        "mode must be one of a, b (got 'c')",
+        "maybe must be one of x (got 'y')",
+        "many must be one of p, q (got 'z')",
+    ]

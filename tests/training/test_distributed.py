@@ -277,3 +277,13 @@ def test_cuda_runs_under_torchrun_with_nccl(tmp_path):
     )
     assert plain.returncode == 0, plain.stderr[-3000:]
     _assert_close(_tensors(tmp_path / "plain"), _tensors(tmp_path / "ddp"))
+
+
+def test_a_user_error_in_a_rank_that_joined_a_group_exits_without_teardown():
+    from fpt_deploy.errors import DataUnavailableError
+    from fpt_deploy.training.distributed import joined
+
+    for owns_group in (True, False):
+        with pytest.raises(DataUnavailableError) as e, joined(World(backend="gloo", owns_group=owns_group)):
+            raise DataUnavailableError("no data")
+        assert e.value.exit_without_teardown is owns_group  # only a group this process joined leaves gloo threads
