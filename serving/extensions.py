@@ -141,7 +141,12 @@ class RepositoryControl:
                 log.info("task %s changed in the repository; reloading it", name)
                 self.state.model.remove_task(name)
                 self.state.metrics.forget(name)
-            self.state.model.add_task(name)
+            try:
+                self.state.model.add_task(name)
+            except Exception:
+                if name in self.state.model.tasks:  # listed before the runtime refused it (capacity): undo
+                    self.state.model.remove_task(name)
+                raise
             self._checksums[name] = dict(art.sha256)
             log.info("loaded task %s", name)
 

@@ -108,6 +108,28 @@ def test_load_errors_say_what_is_wrong(explicit):
     assert unload.status_code == 404 and "error" in unload.json()
 
 
+def test_a_load_past_the_runtimes_capacity_fails_clearly_and_leaves_the_others_serving(explicit, monkeypatch):
+    from fpt_deploy.errors import ConfigError
+
+    client, state, root, late = explicit
+    runtime = state.model.runtime
+    publish = runtime.set_norm_tables
+    loaded = len(state.model.tasks)
+
+    def at_capacity(weight, bias):  # as the TensorRT runtime refuses tables beyond its --max-tasks
+        if (weight.shape[0] if hasattr(weight, "shape") else len(weight)) > loaded:
+            raise ConfigError(f"the engine's norm tables hold {loaded} tasks; rebuild it with --max-tasks {loaded + 1}")
+        publish(weight, bias)
+
+    monkeypatch.setattr(runtime, "set_norm_tables", at_capacity)
+    relist(root, late)
+    answer = client.post(f"/v2/repository/models/{LATE}/load")
+    assert answer.status_code == 400 and "--max-tasks" in answer.json()["error"]
+    assert LATE not in state.model.tasks
+    x = synthetic_inputs("vec", 2, np.random.default_rng(0))
+    assert client.post("/v2/models/vec/infer", content=infer_body(x)).status_code == 200
+
+
 @pytest.mark.parametrize("mode", ["none", "poll"])
 def test_load_and_unload_are_refused_outside_explicit_mode(repo, mode):
     root, late = repo
