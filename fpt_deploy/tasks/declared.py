@@ -159,6 +159,8 @@ class DeclaredTask(Task):
                 train = Examples(x=train.x[train_idx], y=train.y[train_idx], label_names=train.label_names)
             elif test is not None:
                 split = f"held-out split: given ({len(train.y)} train, {len(test.y)} held-out)"
+            else:
+                problems.append(f"{o['data']} has {len(train.x)} examples but {len(train.y)} labels")
             o = kind.resolve_options(o, train.x, train.y)
         fitted: dict = {}
         if kind is not None and train is not None and test is not None:

@@ -104,9 +104,10 @@ def get_task(name: str, /, *, max_positions: int | None = None, **options):
     _load_entry_points()
     from fpt_deploy.tasks.declared import DeclaredTask
 
-    if name in _REGISTRY:
+    declaration = any(k in options for k in _DECLARATION_KEYS)
+    if name in _REGISTRY and not (declaration and not issubclass(_REGISTRY[name].task, DeclaredTask)):
         cls = _REGISTRY[name].task
-    elif any(k in options for k in _DECLARATION_KEYS):
+    elif declaration:  # a declared task (its own checks refuse a name that a registered task has)
         cls = DeclaredTask
         if "file" not in options:
             options.setdefault("name", name)

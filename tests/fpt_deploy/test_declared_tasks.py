@@ -213,3 +213,9 @@ def test_tokens_with_padding_inside_a_row_are_refused(tmp_path):
     with pytest.raises(TaskDataError) as e:
         get_task("custom", name="t", kind="tokens", data=str(path))
     assert "padding (id 0) before a real token" in str(e.value) and "padding only" in str(e.value)
+
+
+def test_a_declaration_named_like_a_registered_task_is_refused_not_mistaken_for_it(tmp_path):
+    data = _image_npz(tmp_path / "d.npz")
+    with pytest.raises(TaskDataError, match="'mnist' is taken by a registered task"):
+        get_task("mnist", kind="image", data=str(data))  # as a task file naming itself "mnist" arrives
