@@ -147,6 +147,7 @@ def _short(value, limit: int = 60) -> str:
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _IS_NUMBER = np.zeros(256, np.bool_)
 _IS_NUMBER[list(b"0123456789+-.eE")] = True
+_NUMBER_RUNS = bytes(ord("n") if _IS_NUMBER[c] else ord(" ") for c in range(256))  # for bytes.translate
 _STEP = np.zeros(256, np.int8)  # +1 opens an array or object, -1 closes one
 _STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
@@ -171,20 +172,25 @@ def scan_json(text: bytes, limits: JsonLimits) -> None:
     100,000-deep nest or a 5,000-digit integer is refused before the recursive parser sees it.
     """
     a = np.frombuffer(text, np.uint8)
-    found = np.flatnonzero((_STEP[a] != 0) | _IS_NUMBER[a])  # brackets and number characters
-    quotes = _string_quotes(a)
-    if quotes.size:  # keep those after an even number of string quotes: outside strings
-        found = found[np.searchsorted(quotes, found) % 2 == 0]
-    step = _STEP[a[found]]
-    opens_closes = step[step != 0]
-    if opens_closes.size > limits.max_depth and int(np.cumsum(opens_closes, dtype=np.int32).max()) > limits.max_depth:
-        raise _bad(f"the request nests arrays or objects more than {limits.max_depth} deep")
-    digits = found[step == 0]
-    if digits.size > limits.max_number_chars:
+    quotes = None
+
+    def outside_strings(positions: np.ndarray) -> np.ndarray:
+        nonlocal quotes
+        quotes = _string_quotes(a) if quotes is None else quotes
+        # outside a string: after an even number of string quotes
+        return positions[np.searchsorted(quotes, positions) % 2 == 0] if quotes.size else positions
+
+    brackets = np.flatnonzero(_STEP[a])
+    if brackets.size > limits.max_depth:
+        brackets = outside_strings(brackets)
+        if int(np.cumsum(_STEP[a[brackets]], dtype=np.int32).max(initial=0)) > limits.max_depth:
+            raise _bad(f"the request nests arrays or objects more than {limits.max_depth} deep")
+    if b"n" * (limits.max_number_chars + 1) in text.translate(_NUMBER_RUNS):  # a long run somewhere: where?
+        digits = outside_strings(np.flatnonzero(_IS_NUMBER[a]))
         breaks = np.flatnonzero(np.diff(digits) != 1)  # where one run of number characters ends
         starts = np.concatenate(([0], breaks + 1))
         ends = np.concatenate((breaks, [digits.size - 1]))
-        if int((digits[ends] - digits[starts]).max()) + 1 > limits.max_number_chars:
+        if digits.size and int((digits[ends] - digits[starts]).max()) + 1 > limits.max_number_chars:
             raise _bad(f"a number in the request has more than {limits.max_number_chars} characters")
 
 
