@@ -157,7 +157,8 @@ class ServeConfig(RuntimeConfig):
         problems = [f"{name} must be >= {low} (got {value})" for name, (value, low) in at_least.items() if value < low]
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "graceful_timeout_s"):
             if not getattr(self, name) > 0:
-                problems.append(f"{name.removesuffix('_s').replace('_', ' ')} must be > 0 seconds (got {getattr(self, name)})")
+                label = name.removesuffix("_s").replace("_", " ")
+                problems.append(f"{label} must be > 0 seconds (got {getattr(self, name)})")
         return problems
 
 
