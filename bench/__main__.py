@@ -1,7 +1,7 @@
 """``python -m bench``: the whole benchmark suite in one run (see ``bench/suite.py``).
 
-    python -m bench                      # default: ~12 minutes on 2 cores
-    python -m bench --quick              # ~2 minutes once artifacts are cached (smaller counts, shorter levels)
+    python -m bench                      # default: within 15 minutes on 2 cores (--budget-s)
+    python -m bench --quick              # ~7 minutes once artifacts are cached (shorter levels, fewer baselines)
     python -m bench --repo deploy --checkpoint runs/mnist/best --out bench/results
 
 Writes ``<out>/suite.json`` (``suite_quick.json`` with --quick), PNG plots in ``<out>``, and the
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench.report import render_markdown
-from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite
+from bench.suite import DEFAULT_SKIP, ROOT, SECTIONS, SuiteConfig, run_suite
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -42,7 +42,13 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     p.add_argument("--memory-tasks", type=_ints, help="fpt-deploy server task counts, default 1,10,50")
     p.add_argument("--baseline-memory-tasks", type=_ints, help="per-task baseline counts, default 1,10")
     p.add_argument("--threads", type=int, help="intra-op threads everywhere (default physical cores)")
-    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default {','.join(DEFAULT_SKIP)})"
+    )
+    p.add_argument(
+        "--task-counts", type=_ints, help="tasks on one server in the many_tasks section, default 1,10,100,1000"
+    )
+    p.add_argument("--budget-s", type=float, help="time budget of the whole suite in seconds (default 840)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -69,12 +75,15 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
             "memory_tasks",
             "baseline_memory_tasks",
             "threads",
+            "task_counts",
+            "budget_s",
         )
         if getattr(args, k) is not None
     }
     overrides["markdown"] = args.markdown if str(args.markdown) else None
     overrides["plots"] = not args.no_plots
-    overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
+    if args.skip is not None:
+        overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
     return SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
+
+from bench.many_tasks import find_level, find_point, ratio
 
 log = logging.getLogger("bench.report")
 
@@ -109,7 +112,71 @@ def summarize(results: dict) -> dict:
             rate = _at(by_batch, max_batch)
             if rate:
                 peak[name] = rate * flops / 1e9 / gemm
-    return {"levels": rows, "goals": goals, "fraction_of_gemm_peak": peak, "top_concurrency": top}
+    return {
+        "levels": rows,
+        "goals": goals,
+        "many_task_goals": many_task_goals(results),
+        "fraction_of_gemm_peak": peak,
+        "top_concurrency": top,
+    }
+
+
+def many_task_goals(results: dict) -> list[dict]:
+    """Issue 14's goals from the many_tasks section; a goal that cannot be measured here says why."""
+    many = results.get("many_tasks") or {}
+    if not many.get("contenders"):
+        return []
+    fp32 = f"{FPT_PREFIX}fp32"
+    stopped = many.get("stopped", {})
+    goals = []
+
+    def goal(what: str, value, target: float, higher: bool = True, note: str = "") -> None:
+        met = None if value is None else (value >= target if higher else value <= target)
+        goals.append(
+            {"goal": what, "value": value, "target": target, "higher_is_better": higher, "met": met, "note": note}
+        )
+
+    def rate(contender: str, n: int, c: int, kind: str = "uniform") -> float | None:
+        level = find_level(many, contender, n, kind, c)
+        return level and level.get("rows_per_s")
+
+    top = max(results.get("config", {}).get("concurrency", [32]))
+    mid = 100 if 100 in many["counts"] else many["counts"][-1]
+    ort_note = ""
+    if rate(ORT_PER_TASK, mid, top) is None and ORT_PER_TASK in stopped:
+        measured = [p["tasks"] for p in many["contenders"].get(ORT_PER_TASK, [])]
+        largest = max(measured, default=None)
+        ort_note = f"ort per task stopped at N={stopped[ORT_PER_TASK]['at_tasks']}: {stopped[ORT_PER_TASK]['reason']}"
+        if largest:
+            at = ratio(rate(fp32, mid, top), rate(ORT_PER_TASK, largest, top))
+            ort_note += f"; vs its N={largest} throughput: {_fmt(at, '.2f')}"
+    goal(
+        f"{mid} tasks, uniform, c={top}: fp32 / ort per task",
+        ratio(rate(fp32, mid, top), rate(ORT_PER_TASK, mid, top)),
+        3.0,
+        note=ort_note,
+    )
+    goal(
+        f"{mid} tasks, uniform, c={top}: fp32 / its own 1-task throughput",
+        ratio(rate(fp32, mid, top), rate(fp32, 1, top)),
+        0.9,
+    )
+    big = many["counts"][-1]
+    one, many_point = find_point(many, fp32, 1), find_point(many, fp32, big)
+    goal(
+        f"{big} tasks loaded: RSS / 1 task",
+        ratio(many_point and many_point["rss_mb"], one and one["rss_mb"]),
+        1.5,
+        higher=False,
+    )
+    goal(f"{big} tasks loaded: start-up (s)", many_point and many_point["startup_s"], 30.0, higher=False)
+    level = find_level(many, fp32, 1, "uniform", 1)
+    goal(
+        "c=1: fp32 / raw backbone at batch 1",
+        ratio(level and level["rows_per_s"], level and level.get("raw_backbone_rows_per_s")),
+        0.9,
+    )
+    return goals
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -127,8 +194,10 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     summary = results.get("summary") or summarize(results)
     rows = summary["levels"]
 
+    slug = machine_slug(results.get("machine", {}))
+
     def save(fig, name: str) -> None:
-        path = out / name
+        path = out / f"{Path(name).stem}-{slug}.png"  # one set of plots per machine, like the tables
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -227,7 +296,47 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("steps/s / full fine-tuning fp32")
         ax.set_title("CPU training step speed (same model, same batch)")
         save(fig, "training_vs_full_finetune.png")
+
+    many = results.get("many_tasks") or {}
+    if many.get("contenders"):
+        top = max(results.get("config", {}).get("concurrency", [32]))
+        for what, ylabel, value in (
+            ("rows", f"rows/s at c={top}", None),
+            ("memory", "resident memory (MB)", "rss_mb"),
+        ):
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for name, points in many["contenders"].items():
+                for kind, style in (("uniform", "o-"), ("zipf", "s--")) if value is None else ((None, "o-"),):
+                    xs, ys = [], []
+                    for p in points:
+                        y = (
+                            p.get(value)
+                            if value
+                            else (find_level(many, name, p["tasks"], kind, top) or {}).get("rows_per_s")
+                        )
+                        if y:
+                            xs.append(p["tasks"])
+                            ys.append(y)
+                    if xs:
+                        ax.plot(xs, ys, style, label=name if kind is None else f"{name} ({kind})")
+            ax.set_xscale("log")
+            ax.set_xlabel("tasks on one server (N)")
+            ax.set_ylabel(ylabel)
+            if value:
+                ax.set_yscale("log")
+            ax.set_title(f"{'Throughput' if value is None else 'Memory'} vs N tasks (one row a request)")
+            ax.legend(fontsize=7)
+            save(fig, f"many_tasks_{what}_vs_n.png")
     return written
+
+
+def machine_key(machine: dict) -> str:
+    """What identifies a machine in BENCHMARKS.md: its CPU, its features, its core count."""
+    return f"{machine.get('cpu_described') or machine.get('cpu')}, {machine.get('cores_physical')} cores"
+
+
+def machine_slug(machine: dict) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", machine_key(machine).lower()).strip("-")[:60]
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -256,8 +365,8 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
         f"in {results.get('seconds')} s. Every ratio is against a baseline measured in the same run. "
         "Re-run on a quiet machine for figures to quote; the load average below says how busy this one was.",
         "",
-        "Reproduce: `make bench` (= `.venv/bin/python -m bench`, about 10 minutes on 2 cores) or "
-        "`.venv/bin/python -m bench --quick` (about 2 minutes once the artifacts are cached); "
+        "Reproduce: `make bench` (= `.venv/bin/python -m bench`, within 15 minutes on 2 cores: `--budget-s`) or "
+        "`.venv/bin/python -m bench --quick` (about 7 minutes once the artifacts are cached); "
         "`--repo DIR --checkpoint runs/mnist/best` to measure a real deployment. Results: "
         "`bench/results/suite.json` (`suite_quick.json`), plots `bench/results/*.png`. The suite is "
         "`bench/suite.py`; the baselines' server is `bench/baseline_server.py`.",
@@ -326,6 +435,7 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
                 for g in goals
             ],
         )
+    lines += _many_tasks_markdown(results, summary)
     levels = summary.get("levels", [])
     if levels:
         lines += ["## Mixed-task serving throughput (one row a request)", ""]
@@ -461,6 +571,83 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
     return "\n".join(lines)
 
 
+def _many_tasks_markdown(results: dict, summary: dict) -> list[str]:
+    many = results.get("many_tasks") or {}
+    if not many.get("contenders"):
+        return []
+    lines = []
+    goals = summary.get("many_task_goals") or many_task_goals(results)
+    if goals:
+        lines += ["## Goals (issue 14: many tasks)", ""]
+        lines += _table(
+            ["goal", "measured", "target", "met"],
+            [
+                [
+                    g["goal"],
+                    _fmt(g["value"], ".2f"),
+                    f"{'>=' if g['higher_is_better'] else '<='} {g['target']:g}",
+                    ("-" if g["met"] is None else "yes" if g["met"] else "**no**")
+                    + (f" ({g['note']})" if g["note"] else ""),
+                ]
+                for g in goals
+            ],
+        )
+    concurrency = results.get("config", {}).get("concurrency", [1, 8, 32])
+    top = max(concurrency)
+    lines += [
+        "## N tasks on one server",
+        "",
+        f"N MNIST-shaped tasks (the real one and N - 1 of its head shape with random weights), one held-out row "
+        f"a request, traffic spread uniformly or by Zipf (s = {many.get('zipf_s')}) over the tasks, closed loop. "
+        "Start-up: process start to ready. RSS: after every level.",
+        "",
+    ]
+    header = ["contender", "N", "traffic", *[f"c={c} rows/s" for c in concurrency], f"c={top} p50 / p99 ms"]
+    header += ["start-up s", "RSS MB"]
+    cells = []
+    for name, points in many["contenders"].items():
+        for p in points:
+            for kind in many.get("traffic", ["uniform"]):
+                at_top = find_level(many, name, p["tasks"], kind, top) or {}
+                cells.append(
+                    [
+                        name,
+                        str(p["tasks"]),
+                        kind,
+                        *[
+                            _fmt((find_level(many, name, p["tasks"], kind, c) or {}).get("rows_per_s"))
+                            for c in concurrency
+                        ],
+                        f"{_fmt(at_top.get('p50_ms'))} / {_fmt(at_top.get('p99_ms'))}",
+                        _fmt(p["startup_s"]),
+                        _fmt(p["rss_mb"], ".0f"),
+                    ]
+                )
+    lines += _table(header, cells)
+    for name, stop in many.get("stopped", {}).items():
+        lines.append(f"- **{name}** was not started at N = {stop['at_tasks']}: {stop['reason']}.")
+    skipped = {**results.get("gemm", {}).get("skipped", {}), **results.get("training", {}).get("skipped", {})}
+    for what, why in skipped.items():
+        lines.append(f"- {what} skipped: {why}.")
+    return lines + [""]
+
+
+MACHINE_START, MACHINE_END = "<!-- machine: ", "<!-- end machine -->"
+
+
 def write_markdown(results: dict, path: Path, plots_dir: Path | None = None) -> None:
+    """Write this machine's section of ``path``, keeping the sections of other machines as they are."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_markdown(results, plots_dir, path.parent.resolve()))
+    key = machine_key(results.get("machine", {}))
+    body = render_markdown(results, plots_dir, path.parent.resolve())
+    body = "\n".join(("#" + line if line.startswith("#") else line) for line in body.splitlines()[1:]).strip()
+    block = f"{MACHINE_START}{key} -->\n## {key}\n\n{body}\n{MACHINE_END}"
+    others = []
+    if path.is_file():
+        pattern = re.compile(re.escape(MACHINE_START) + r"(.*?) -->\n.*?" + re.escape(MACHINE_END), re.S)
+        others = [m.group(0) for m in pattern.finditer(path.read_text()) if m.group(1) != key]
+    intro = (
+        "# Benchmarks\n\nOne section per machine `python -m bench` ran on; each section's figures and ratios "
+        "come from one run on that machine. Re-running on a machine replaces its section only."
+    )
+    path.write_text("\n\n".join([intro, block, *others]) + "\n")

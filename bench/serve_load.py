@@ -197,7 +197,7 @@ def load(port: int, bodies: list[tuple[str, bytes, dict]], concurrency: int, max
                     conn = await asyncio.open_connection("127.0.0.1", port)
                 conn[1].write(raw)
                 status, body = await asyncio.wait_for(_read_response(conn[0]), 60)
-            except (OSError, EOFError, ValueError, asyncio.TimeoutError) as e:  # IncompleteReadError is an EOFError
+            except (TimeoutError, OSError, EOFError, ValueError) as e:  # IncompleteReadError is an EOFError
                 errors.append(f"{type(e).__name__}: {e}")
                 if conn is not None:
                     conn[1].close()

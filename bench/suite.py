@@ -1,4 +1,4 @@
-"""The benchmark suite: every figure of issue 5 measured in ONE run, on the same tasks and inputs.
+"""The benchmark suite: every figure of issues 5 and 14 measured in ONE run, on the same tasks and inputs.
 
     .venv/bin/python -m bench [--quick] [--repo DIR] [--checkpoint DIR] [--out bench/results]
 
@@ -8,6 +8,9 @@ Sections (``SECTIONS``), in the order they run:
 - ``backbone``: the shared body alone at batch 1, 8, 32 (32 = the server's ceiling): ONNX Runtime fp32 and
   int8 with the server's own session options (``serving.runtimes.ort.OrtRuntime``), and the PyTorch eager body.
   Contenders alternate in short rounds and the best round counts (the machine is shared).
+- ``many_tasks`` (``bench.many_tasks``): N = 1, 10, 100, 1,000 tasks on one server, uniform and Zipf
+  traffic, concurrency 1, 8, 32: rows/s, p50/p99, start-up time and RSS per contender and N; per-task
+  servers stop (and say why) where their projected memory or start-up time is out of bounds.
 - ``load``: four servers on 127.0.0.1, all driven by the same closed-loop load generator
   (``bench.serve_load.load``): one MNIST row a request in the binary KServe v2 format, tasks mixed
   round-robin, concurrency 1, 8, 32, a bounded number of requests and seconds per level. Contenders:
@@ -16,10 +19,16 @@ Sections (``SECTIONS``), in the order they run:
   ``load_rounds`` rounds, each over every level of every contender, so a burst of load elsewhere hits
   all of them; a level's figures are the mean of its rounds. Right after each fpt-deploy level the raw
   backbone is timed again at that level's batch: the ceiling "/ raw backbone" divides by.
-- ``memory``: resident memory (RSS) of each server once every task has answered, with 1, 10, 50 tasks
-  (fpt-deploy) and 1, 10 (baselines; 50 extrapolated linearly, marked as such).
+- ``memory`` (skipped by default: ``many_tasks`` measures memory against N): resident memory (RSS) of
+  each server once every task has answered, with 1, 10, 50 tasks (fpt-deploy) and 1, 10 (baselines;
+  50 extrapolated linearly, marked as such).
 - ``training``: optimizer steps/s of the FPT step vs full fine-tuning of the same model and batch,
   fp32 and bf16 autocast, on CPU.
+
+The CPU's features are recorded (``fpt_deploy.cpu``); contenders that would be emulated (bf16 without
+avx512_bf16 or amx_bf16) are skipped with the reason. The whole suite keeps to ``budget_s`` (15 minutes
+on 2 cores): ``many_tasks`` stops ``reserve_s`` before it for the sections after it, and a level or
+section past the budget is skipped and reported as such.
 
 Tasks: the MNIST checkpoint (``--checkpoint``, else ``runs/mnist/best``, else a short run trained here)
 and ``mix - 1`` clones of its heads under new names: MNIST-shaped rows of distinct tasks. Throughput
@@ -45,11 +54,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.many_tasks import bench_tasks
 from bench.serve_load import ServerProcess, binary_request, clone_tasks, free_port, load
 
 log = logging.getLogger("bench.suite")
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("gemm", "backbone", "load", "memory", "training")
+SECTIONS = ("gemm", "backbone", "many_tasks", "load", "memory", "training")
+DEFAULT_SKIP = ("memory",)  # superseded by many_tasks: memory at N = 1 .. 1,000 (--skip "" runs it)
 FPT_FP32, FPT_INT8 = "fpt-deploy fp32", "fpt-deploy int8"
 TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
 
@@ -68,8 +79,8 @@ class SuiteConfig:
     task: str | None = None  # task of --repo to serve (default: its mnist task)
     mix: int = 2  # distinct tasks mixed in the load (the task and mix-1 clones)
     concurrency: tuple[int, ...] = (1, 8, 32)
-    level_seconds: float = 8.0  # at most this long per load level and round
-    load_rounds: int = 2  # rounds over every load level of every contender (figures: the mean)
+    level_seconds: float = 5.0  # at most this long per load level and round
+    load_rounds: int = 1  # rounds over every load level of every contender (figures: the mean)
     raw_seconds_in_load: float = 3.0  # the raw backbone timed right after each fpt-deploy level
     level_requests: int = 2000  # at most this many requests per load level
     memory_tasks: tuple[int, ...] = (1, 10, 50)  # fpt-deploy server
@@ -83,10 +94,19 @@ class SuiteConfig:
     train_timed_steps: int = 5  # timed optimizer steps per training configuration (after 1 warm-up)
     train_seconds: float = 20.0  # at most this long per training configuration
     threads: int | None = None  # intra-op threads everywhere; default physical cores
+    task_counts: tuple[int, ...] = (1, 10, 100, 1000)  # N tasks on one server (many_tasks section)
+    tasks_level_seconds: float = 4.0  # at most this long per level of the many_tasks section
+    tasks_requests_cycled: int = 2048  # requests drawn from the traffic distribution, then cycled
+    per_task_max_tasks: int = 100  # per-task baselines never start more tasks than this
+    per_task_max_rss_gb: float = 12.0  # ... nor when their projected resident memory exceeds this
+    per_task_max_startup_s: float = 180.0  # ... nor when their projected start-up takes longer
+    baseline_full_levels_tasks: int = 10  # beyond this N, per-task servers run only uniform at the top c
+    budget_s: float = 14 * 60.0  # the whole suite; levels past it are skipped (and say so)
+    reserve_s: float = 200.0  # kept for the sections after many_tasks (load, training)
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     plots: bool = True
-    skip: tuple[str, ...] = ()  # sections not to run
+    skip: tuple[str, ...] = DEFAULT_SKIP  # sections not to run
     quick_mode: bool = False
 
     def __post_init__(self) -> None:
@@ -114,6 +134,11 @@ class SuiteConfig:
             gemm_seconds=1.0,
             train_timed_steps=2,
             train_seconds=5.0,
+            tasks_level_seconds=1.5,
+            tasks_requests_cycled=1024,
+            per_task_max_tasks=10,
+            budget_s=7 * 60.0,
+            reserve_s=90.0,
             quick_mode=True,
         )
         return cls(**{**quick, **overrides})
@@ -143,15 +168,9 @@ def machine_facts() -> dict:
     import onnxruntime
     import psutil
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from fpt_deploy.cpu import FLAGS, cpu_features
+
+    features = cpu_features()
     versions = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
     try:
         import torch
@@ -160,14 +179,17 @@ def machine_facts() -> dict:
         torch_threads = torch.get_num_threads()
     except ImportError:
         torch_threads = None
-    keys = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     env = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_", "ORT_"))}
     return {
-        "cpu": cpu,
+        "cpu": features.model,
+        "cpu_described": features.describe(),
+        "native_bf16": features.native_bf16,
+        "vnni": features.vnni,
+        "avx512": features.avx512,
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_logical": psutil.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "flags": {k: k in flags for k in keys},
+        "flags": {k: k in features.flags for k in FLAGS},
         "versions": versions,
         "torch_threads": torch_threads,
         "env": env,
@@ -273,7 +295,8 @@ def build_repository(cfg: SuiteConfig, checkpoint: Path) -> Path:
     repo = cfg.work / f"repo-{_file_key(checkpoint)}"
     if (repo / "manifest.json").is_file():
         r = open_repository(repo)
-        if r.tasks and all("int8" in b.files for b in r.backbones.values()):
+        shared = all(t.heads for t in r.tasks.values())  # format /2: built before shared heads otherwise
+        if r.tasks and shared and all("int8" in b.files for b in r.backbones.values()):
             return repo
     log.info("exporting %s (fp32 + int8) into %s", checkpoint, repo)
     # force: the suite measures speed; the accuracy report is read from the manifest and judged there.
@@ -389,7 +412,10 @@ def bench_gemm(cfg: SuiteConfig) -> dict:
     torch.set_num_threads(cfg.threads or physical_cores())
     n = cfg.gemm_size
     operands = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    from fpt_deploy.cpu import cpu_features
+
+    native_bf16 = cpu_features().native_bf16  # emulated bf16 would take minutes and show nothing
+    for dtype in (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         operands[str(dtype).split(".")[1]] = (a, b, torch.mm(a, b))  # the first call warms the thread pool
     x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
@@ -404,6 +430,8 @@ def bench_gemm(cfg: SuiteConfig) -> dict:
             best[name] = min(best[name], time.perf_counter() - t0)
         rounds += 1
     out = {"size": n, "threads": torch.get_num_threads(), "rounds": rounds}
+    if not native_bf16:
+        out["skipped"] = {"bfloat16": "no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16): emulated"}
     out |= {f"{name}_gflops": 2 * n**3 / seconds / 1e9 for name, seconds in best.items()}
     out["peak_float32_gflops"] = max(out["float32_gflops"], out["numpy_float32_gflops"])
     return out
@@ -664,8 +692,13 @@ def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
     y = torch.from_numpy(data.labels[: cfg.train_batch])
     base = load_backbone(prep.checkpoint_info["backbone"])
     device = torch.device("cpu")
-    rows = []
-    for bf16 in (False, True):
+    from fpt_deploy.cpu import cpu_features
+
+    rows, skipped = [], {}
+    native_bf16 = cpu_features().native_bf16
+    if not native_bf16:
+        skipped["bf16 autocast"] = "no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16): emulated"
+    for bf16 in (False, True) if native_bf16 else (False,):
         for mode in ("fpt", "full fine-tuning"):
             torch.manual_seed(0)
             model = FPT(task, copy.deepcopy(base)).train()
@@ -703,7 +736,13 @@ def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
                 }
             )
             log.info("training %-16s %-13s %.2f steps/s", mode, rows[-1]["precision"], rows[-1]["steps_per_s"])
-    return {"task": "mnist", "batch": cfg.train_batch, "backbone": prep.checkpoint_info["backbone"], "steps": rows}
+    return {
+        "task": "mnist",
+        "batch": cfg.train_batch,
+        "backbone": prep.checkpoint_info["backbone"],
+        "steps": rows,
+        "skipped": skipped,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -735,15 +774,27 @@ def run_suite(cfg: SuiteConfig) -> dict:
         results["repository"] = {"path": str(prep.repo), "task": prep.task, "variants": prep.variants}
         results["tasks"] = prep.tasks
         results["int8_accuracy"] = int8_accuracy(prep.repo)
+        # On the perf_counter clock. A preparation that took over half the budget (building every artifact
+        # on a slow machine) still leaves the sections half of it: a run that measures nothing shows nothing.
+        deadline = max(
+            time.perf_counter() - (time.time() - started) + cfg.budget_s, time.perf_counter() + cfg.budget_s / 2
+        )
+        tasks_deadline = deadline - cfg.reserve_s
         sections = {
             "gemm": lambda: bench_gemm(cfg),
             "backbone": lambda: bench_backbone(cfg, prep),
+            "many_tasks": lambda: bench_tasks(cfg, prep, scratch, tasks_deadline),
             "load": lambda: bench_load(cfg, prep),
             "memory": lambda: bench_memory(cfg, prep, scratch),
             "training": lambda: bench_training(cfg, prep),
         }
         for name, fn in sections.items():
             if name in cfg.skip:
+                continue
+            if time.perf_counter() > deadline:
+                why = f"the suite's time budget ({cfg.budget_s:.0f} s) was spent"
+                results.setdefault("skipped_sections", {})[name] = why
+                log.warning("section %s skipped: time budget spent", name)
                 continue
             t0 = time.perf_counter()
             log.info("== %s", name)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench.many_tasks import traffic  # noqa: E402
 from bench.suite import SECTIONS, SuiteConfig, run_suite  # noqa: E402
 
 
@@ -35,6 +36,12 @@ def suite(tiny_checkpoints, tmp_path_factory):
         train_batch=8,
         train_timed_steps=1,
         max_batch_size=4,
+        task_counts=(1, 3),
+        tasks_level_seconds=0.3,
+        tasks_requests_cycled=16,
+        per_task_max_tasks=3,
+        skip=(),
+        budget_s=3600.0,  # every section must run, however busy the machine
     )
     return out, run_suite(config)
 
@@ -70,9 +77,11 @@ def test_memory_and_training_rows(suite):
     torch_rows = mem["torch per task"]
     assert [p["measured"] for p in torch_rows] == [True, True, False]  # 3 tasks: extrapolated
     steps = results["training"]["steps"]
+    precisions = ("fp32", "bf16 autocast") if results["machine"]["native_bf16"] else ("fp32",)
     assert {(s["mode"], s["precision"]) for s in steps} == {
-        (m, p) for m in ("fpt", "full fine-tuning") for p in ("fp32", "bf16 autocast")
+        (m, p) for m in ("fpt", "full fine-tuning") for p in precisions
     }
+    assert bool(results["training"]["skipped"]) != results["machine"]["native_bf16"]  # emulated bf16: skipped
     fp32 = {s["mode"]: s for s in steps if s["precision"] == "fp32"}
     fpt, full = fp32["fpt"], fp32["full fine-tuning"]
     assert fpt["trainable_params"] < full["trainable_params"]
@@ -88,10 +97,39 @@ def test_markdown_and_plots(suite):
         "## Raw backbone",
         "## Resident memory",
         "## Training step speed",
+        "## Goals (issue 14: many tasks)",
+        "## N tasks on one server",
         "## Plots",
     ):
         assert heading in text, heading
+    assert text.count("<!-- machine: ") == 1  # this machine's section, once
     plots = results["files"]["plots"]
-    assert len(plots) == 5
+    assert len(plots) == 7
     for p in plots:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_many_tasks_levels_for_every_contender(suite):
+    _, results = suite
+    many = results["many_tasks"]
+    assert set(many["contenders"]) == {"fpt-deploy fp32", "fpt-deploy int8", "torch per task", "ort per task"}
+    for points in many["contenders"].values():
+        assert [p["tasks"] for p in points] == [1, 3]
+        for p in points:
+            assert p["startup_s"] > 0 and p["rss_mb"] > 0
+            assert {(lv["traffic"], lv["concurrency"]) for lv in p["levels"]} == {
+                (t, c) for t in ("uniform", "zipf") for c in (1, 4)
+            }
+            assert all(lv["errors"] == 0 and lv["requests"] > 0 for lv in p["levels"])
+    goals = {g["goal"] for g in results["summary"]["many_task_goals"]}
+    assert "c=1: fp32 / raw backbone at batch 1" in goals
+
+
+def test_zipf_traffic_has_hot_tasks_and_a_tail():
+    import numpy as np
+
+    names = [f"t{k}" for k in range(100)]
+    zipf = traffic(names, "zipf", 20_000, np.random.default_rng(0))
+    uniform = traffic(names, "uniform", 20_000, np.random.default_rng(0))
+    assert zipf.count("t0") > 10 * zipf.count("t99") > 0  # 1/k^1.1: rank 1 is ~158x rank 100
+    assert 100 < uniform.count("t0") < 300 and 100 < uniform.count("t99") < 300
