@@ -180,3 +180,14 @@ def test_choice_problems_read_the_literal_annotations():
         "maybe must be one of x (got 'y')",
         "many must be one of p, q (got 'z')",
     ]
+
+
+def test_building_the_cli_imports_no_framework():
+    """Every command's options come from config modules that load without torch or a runtime (quick --help)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "onnxruntime", "fastapi", "uvicorn", "transformers", "tensorrt")
+    code = f"import sys, fpt_deploy.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
