@@ -23,7 +23,7 @@ Each field becomes ``--field-name`` (underscores as dashes) with the field's typ
 - ``int``, ``float``, ``str``, ``Path`` and ``X | None`` of them; a field without a default is required;
 - ``Literal["a", "b"]`` becomes a choice; ``metadata["choices"]`` (a callable returning names) gives
   choices read from a registry when the CLI is built (the runtimes of ``--runtime``);
-- ``list[X]`` is repeatable (``--task a --task b``);
+- ``list[X]`` and ``tuple[X, ...]`` are repeatable (``--task a --task b``);
 - ``metadata["flags"]`` replaces the declarations (``("--task", "-t")``), ``metadata["aliases"]`` adds
   hidden old spellings (``("--backbone",)``), ``metadata["cli"] = False`` keeps a field off the command
   line (settings only the library sets).
@@ -60,6 +60,7 @@ class _Option:
     param: str  # the Python parameter name of the command
     annotation: Any
     info: typer.models.OptionInfo
+    container: type | None = None  # list or tuple for a repeatable option: what the config receives
 
 
 def options_from(
@@ -94,8 +95,8 @@ def options_from(
                 value = kwargs.pop(opt.param)
                 if value is None or (isinstance(value, (list, tuple)) and not value):
                     continue  # not given: the dataclass default applies
-                if isinstance(value, (list, tuple)):
-                    value = [v.value if isinstance(v, enum.Enum) else v for v in value]
+                if opt.container is not None:
+                    value = opt.container(v.value if isinstance(v, enum.Enum) else v for v in value)
                 values.setdefault(opt.field, value)
             return fn(**{param: functools.partial(config_cls, **values)}, **kwargs)
 
@@ -146,7 +147,10 @@ def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
             kwargs["show_default"] = decls[0].lstrip("-") if shown else "no-" + decls[0].lstrip("-")
         elif shown not in (None, [], ()):
             kwargs["show_default"] = ", ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
-    repeatable = typing.get_origin(base) is list
+    container = typing.get_origin(base) if typing.get_origin(base) in (list, tuple) else None
+    repeatable = container is not None
+    if container is tuple and typing.get_args(base)[1:] != (Ellipsis,):
+        raise TypeError(f"{config_cls.__name__}.{f.name}: a tuple option must be tuple[X, ...] (got {hint!r})")
     item = typing.get_args(base)[0] if repeatable else base
     choices = _choices(item, meta)
     if choices is not None:
@@ -162,16 +166,23 @@ def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
     if not required:
         annotation = annotation | None
     default = ... if required else None
-    options = [_Option(field=f.name, param=f.name, annotation=annotation, info=typer.Option(default, *decls, **kwargs))]
+    info = typer.Option(default, *decls, **kwargs)
+    options = [_Option(field=f.name, param=f.name, annotation=annotation, info=info, container=container)]
     for i, alias in enumerate(meta.get("aliases", ())):
         hidden = typer.Option(None, alias, hidden=True)
-        options.append(_Option(field=f.name, param=f"{f.name}__alias{i}", annotation=annotation | None, info=hidden))
+        param = f"{f.name}__alias{i}"
+        options.append(
+            _Option(field=f.name, param=param, annotation=annotation | None, info=hidden, container=container)
+        )
     return options
 
 
 def _choices(item: Any, meta: typing.Mapping) -> list[str] | None:
     if typing.get_origin(item) is Literal:
-        return [str(a) for a in typing.get_args(item)]
+        values = typing.get_args(item)
+        if not all(isinstance(v, str) for v in values):
+            raise TypeError(f"command-line choices are strings; {item!r} has others")
+        return list(values)
     if "choices" in meta:
         return list(meta["choices"]())
     return None

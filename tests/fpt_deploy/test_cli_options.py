@@ -31,6 +31,7 @@ class Settings:
     colour: str = field(default="red", metadata={"help": "Registered colour.", "choices": _colours})
     tags: list[str] = field(default_factory=list, metadata={"help": "Repeatable tag."})
     kinds: list[Literal["x", "y"]] = field(default_factory=lambda: ["x"], metadata={"help": "Kinds."})
+    sizes: tuple[int, ...] = field(default=(), metadata={"help": "Repeatable sizes, kept a tuple."})
     secret: int = field(default=7, metadata={"cli": False, "help": "Set by the library only."})
 
     def __post_init__(self) -> None:
@@ -68,7 +69,7 @@ def test_defaults_come_from_the_dataclass():
 def test_every_kind_of_field_parses():
     result, seen = _invoke(
         "--repo", "r", "-n", "5", "--speed", "0.5", "--fast", "--no-auto", "--mode", "b", "--colour", "green",
-        "--tags", "t1", "--tags", "t2", "--kinds", "y", "--kinds", "x", "--extra", "z",
+        "--tags", "t1", "--tags", "t2", "--kinds", "y", "--kinds", "x", "--extra", "z", "--sizes", "4", "--sizes", "8",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config, extra = seen[0]
@@ -77,6 +78,7 @@ def test_every_kind_of_field_parses():
     )  # fmt: skip
     assert config.tags == ["t1", "t2"] and config.kinds == ["y", "x"] and extra == "z"
     assert all(type(k) is str for k in config.kinds)  # plain strings, as the dataclass declares
+    assert config.sizes == (4, 8)
 
 
 @pytest.mark.parametrize(
