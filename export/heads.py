@@ -123,24 +123,44 @@ def head_rows(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def _module_signature(module: nn.Module) -> dict:
-    """What a parameter-free module computes: its class, plain attributes, buffers and children."""
+    """What a parameter-free module computes: its class, plain attributes, tensors and children.
+
+    An attribute that is neither plain data, a tensor nor a module (a callable, say) cannot be compared,
+    so it is recorded as ``opaque``: ``head_signature`` then gives the task head graphs of its own.
+    """
     plain = (bool, int, float, str, tuple, list, type(None))
+    attributes, opaque = {}, []
+    for k, v in sorted(vars(module).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, plain):
+            attributes[k] = v
+        elif isinstance(v, torch.Tensor):
+            attributes[k] = v.tolist()
+        else:
+            opaque.append(k)
     return {
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "attributes": {
-            k: v
-            for k, v in sorted(vars(module).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, plain)
-        },
+        "attributes": attributes,
         "buffers": {n: b.tolist() for n, b in module.named_buffers(recurse=False)},
         "children": {n: _module_signature(c) for n, c in module.named_children()},
+        **({"opaque": opaque} if opaque else {}),
     }
 
 
+def _has_opaque(signature: dict) -> bool:
+    return bool(signature.get("opaque")) or any(_has_opaque(c) for c in signature["children"].values())
+
+
 def head_signature(model: nn.Module, opset: int) -> dict:
-    """Everything that shapes the task's head graphs; tasks with equal signatures share the graphs."""
+    """Everything that shapes the task's head graphs; tasks with equal signatures share the graphs.
+
+    A task whose preprocessing holds state that cannot be compared keeps graphs of its own (its name
+    is part of the signature): sharing them could run another task's preprocessing.
+    """
     spec = model.spec
-    return {
+    preprocess = _module_signature(model.input_head.preprocess)
+    signature = {
         "input_shape": list(spec.input_shape),
         "input_dtype": spec.input_dtype,
         "seq_len": spec.seq_len,
@@ -150,9 +170,12 @@ def head_signature(model: nn.Module, opset: int) -> dict:
         "outputs_per_token": spec.outputs_per_token,
         "num_classes": spec.num_classes,
         "hidden_size": int(model.input_head.position.shape[1]),
-        "preprocess": _module_signature(model.input_head.preprocess),
+        "preprocess": preprocess,
         "opset": opset,
     }
+    if _has_opaque(preprocess):
+        signature["own_task"] = spec.name
+    return signature
 
 
 def head_key(signature: dict) -> str:
