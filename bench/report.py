@@ -644,10 +644,21 @@ def write_markdown(results: dict, path: Path, plots_dir: Path | None = None) -> 
     block = f"{MACHINE_START}{key} -->\n## {key}\n\n{body}\n{MACHINE_END}"
     others = []
     if path.is_file():
+        text = path.read_text()
         pattern = re.compile(re.escape(MACHINE_START) + r"(.*?) -->\n.*?" + re.escape(MACHINE_END), re.S)
-        others = [m.group(0) for m in pattern.finditer(path.read_text()) if m.group(1) != key]
+        others = [m.group(0) for m in pattern.finditer(text) if m.group(1) != key]
+        if MACHINE_START not in text and text.startswith("# Benchmarks"):  # written before sections per machine
+            others.append(_legacy_block(text))
     intro = (
         "# Benchmarks\n\nOne section per machine `python -m bench` ran on; each section's figures and ratios "
         "come from one run on that machine. Re-running on a machine replaces its section only."
     )
     path.write_text("\n\n".join([intro, block, *others]) + "\n")
+
+
+def _legacy_block(text: str) -> str:
+    """A BENCHMARKS.md from before one section per machine, kept as the section of the machine it names."""
+    cpu = re.search(r"^\| CPU \| (.*?) \|$", text, re.M)
+    key = f"{cpu.group(1) if cpu else 'unknown CPU'} (an earlier version of the suite)"
+    body = "\n".join(("#" + line if line.startswith("#") else line) for line in text.strip().splitlines()[1:]).strip()
+    return f"{MACHINE_START}{key} -->\n## {key}\n\n{body}\n{MACHINE_END}"

@@ -133,3 +133,21 @@ def test_zipf_traffic_has_hot_tasks_and_a_tail():
     uniform = traffic(names, "uniform", 20_000, np.random.default_rng(0))
     assert zipf.count("t0") > 10 * zipf.count("t99") > 0  # 1/k^1.1: rank 1 is ~158x rank 100
     assert 100 < uniform.count("t0") < 300 and 100 < uniform.count("t99") < 300
+
+
+def test_benchmarks_md_keeps_one_section_per_machine(tmp_path):
+    from bench.report import write_markdown
+
+    def results(cpu: str, started: str) -> dict:
+        machine = {"cpu": cpu, "cpu_described": f"{cpu} (AVX-512)", "cores_physical": 2}
+        return {"machine": machine, "started": started, "summary": {"levels": [], "goals": []}}
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Machine\n\n| what | value |\n| --- | --- |\n| CPU | Old EPYC |\n")
+    write_markdown(results("Xeon", "day 1"), path)
+    write_markdown(results("EPYC", "day 1"), path)
+    write_markdown(results("Xeon", "day 2"), path)  # replaces the Xeon section only
+    text = path.read_text()
+    assert text.count("<!-- machine: ") == 3
+    assert "day 2" in text and text.count("Xeon (AVX-512), 2 cores -->") == 1
+    assert "## Old EPYC (an earlier version of the suite)" in text  # the file from before, kept
