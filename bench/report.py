@@ -608,6 +608,8 @@ def _many_tasks_markdown(results: dict, summary: dict) -> list[str]:
     for name, points in many["contenders"].items():
         for p in points:
             for kind in many.get("traffic", ["uniform"]):
+                if not any(find_level(many, name, p["tasks"], kind, c) for c in concurrency):
+                    continue  # levels this contender did not run at this N (per-task servers at large N)
                 at_top = find_level(many, name, p["tasks"], kind, top) or {}
                 cells.append(
                     [

@@ -95,7 +95,7 @@ class SuiteConfig:
     train_seconds: float = 20.0  # at most this long per training configuration
     threads: int | None = None  # intra-op threads everywhere; default physical cores
     task_counts: tuple[int, ...] = (1, 10, 100, 1000)  # N tasks on one server (many_tasks section)
-    tasks_level_seconds: float = 4.0  # at most this long per level of the many_tasks section
+    tasks_level_seconds: float = 3.0  # at most this long per level of the many_tasks section
     tasks_requests_cycled: int = 2048  # requests drawn from the traffic distribution, then cycled
     per_task_max_tasks: int = 100  # per-task baselines never start more tasks than this
     per_task_max_rss_gb: float = 12.0  # ... nor when their projected resident memory exceeds this
@@ -675,7 +675,7 @@ def bench_memory(cfg: SuiteConfig, prep: Prepared, scratch: Path) -> dict:
     return out
 
 
-def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
+def bench_training(cfg: SuiteConfig, prep: Prepared, deadline: float = float("inf")) -> dict:
     """Optimizer steps/s: the FPT step (heads, positions, norms train) vs full fine-tuning, fp32 and bf16."""
     import torch
     from fpt_deploy.serving.runtimes.sessions import physical_cores
@@ -700,6 +700,9 @@ def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
         skipped["bf16 autocast"] = "no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16): emulated"
     for bf16 in (False, True) if native_bf16 else (False,):
         for mode in ("fpt", "full fine-tuning"):
+            if time.perf_counter() > deadline:
+                skipped[f"{mode}, {'bf16 autocast' if bf16 else 'fp32'}"] = "the suite's time budget was spent"
+                continue
             torch.manual_seed(0)
             model = FPT(task, copy.deepcopy(base)).train()
             if mode != "fpt":
@@ -720,7 +723,8 @@ def bench_training(cfg: SuiteConfig, prep: Prepared) -> dict:
 
             step()  # warm-up: allocations, Adam state
             steps, t0 = 0, time.perf_counter()
-            while steps < 1 or (steps < cfg.train_timed_steps and time.perf_counter() - t0 < cfg.train_seconds):
+            seconds = min(cfg.train_seconds, deadline - t0)
+            while steps < 1 or (steps < cfg.train_timed_steps and time.perf_counter() - t0 < seconds):
                 loss = step()
                 steps += 1
             seconds = time.perf_counter() - t0
@@ -786,7 +790,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
             "many_tasks": lambda: bench_tasks(cfg, prep, scratch, tasks_deadline),
             "load": lambda: bench_load(cfg, prep),
             "memory": lambda: bench_memory(cfg, prep, scratch),
-            "training": lambda: bench_training(cfg, prep),
+            "training": lambda: bench_training(cfg, prep, deadline),
         }
         for name, fn in sections.items():
             if name in cfg.skip:
