@@ -96,8 +96,8 @@ def _ok(*args: str):
 
 
 def test_plugin_tasks_and_backbones_are_listed_with_their_package(plugin):
-    assert "from a plug-in)  [fpt-parity-plugin 1.0 (plug-in)]" in _ok("tasks")
-    assert "mnist" in _ok("tasks")
+    tasks = _ok("tasks")
+    assert "from a plug-in)  [fpt-parity-plugin 1.0 (plug-in)]" in tasks and "mnist" in tasks
     backbones = _ok("backbones")
     assert "wee-bert" in backbones and "fpt-parity-plugin 1.0 (plug-in)" in backbones
     from fpt_deploy.backbones import load_backbone
@@ -159,7 +159,7 @@ def test_declared_task_trains_exports_and_serves_from_its_spec_alone(repo_copy, 
         "--out",
         str(run),
     )
-    assert "tiny-digits: best held-out accuracy" in trained
+    assert f"checkpoint {run / 'best'}" in trained and (run / "best" / "config.json").is_file()
     saved = json.loads((run / "best" / "config.json").read_text())
     assert saved["train_config"]["lr"] == 0.01  # the task's recipe, as the user gave no --lr
     _ok("export", "--checkpoint", str(run), "--repo", str(repo_copy))
@@ -186,3 +186,20 @@ def test_a_bad_task_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (line,) = [s for s in result.output.splitlines() if s.startswith("error:")]
     assert "patches that do: 1, 2, 4, 7, 14, 28" in line and "class(es) '1', '2', '3', '4' have no" in line
     assert not out.exists()
+
+
+def test_a_tokens_task_with_its_own_padding_id_is_served_raw(repo_copy, tmp_path):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9, 40)
+    x = rng.integers(0, 9, (40, 8))  # ids 0..8 are real tokens; 9 pads
+    x[np.arange(8)[None, :] >= lengths[:, None]] = 9
+    np.savez(tmp_path / "tok.npz", x=x, y=lengths % 2)
+    run = tmp_path / "run"
+    declaration = ["-o", "name=tok", "-o", "kind=tokens", "-o", f"data={tmp_path / 'tok.npz'}", "-o", "pad_id=9"]
+    _ok("train", "--task", "custom", *declaration, "--backbone", "tiny-bert", "--steps", "2", "--out", str(run))
+    _ok("export", "--checkpoint", str(run), "--repo", str(repo_copy))
+    rows = np.array([[0, 3, 9, 9, 9, 9, 9, 9], [5, 0, 0, 1, 2, 3, 4, 9]], dtype=np.int64)  # id 0 is a real token
+    np.save(tmp_path / "rows.npy", rows)
+    assert "tok: 2 rows" in _ok(
+        "predict", "--repo", str(repo_copy), "--task", "tok", "--input", str(tmp_path / "rows.npy")
+    )
