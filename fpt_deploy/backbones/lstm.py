@@ -48,9 +48,13 @@ class LSTMBody(Body):
 
     def forward(self, hidden, attention_mask, norm_weight, norm_bias):
         x = hidden * attention_mask[..., None].to(hidden.dtype)  # (B, L, D): padding zeroed
-        for i, lstm in enumerate(self.lstms):
-            x, _ = lstm(x)  # (B, L, D)
-            x = layer_norm_per_row(x, norm_weight[:, i], norm_bias[:, i], self.eps)
+        # The body stays in eval mode while the heads train; cuDNN's LSTM has no backward in eval mode,
+        # so gradients to the input head go through the native kernel on a GPU.
+        native = x.is_cuda and torch.is_grad_enabled() and not self.training
+        with torch.backends.cudnn.flags(enabled=not native):
+            for i, lstm in enumerate(self.lstms):
+                x, _ = lstm(x)  # (B, L, D)
+                x = layer_norm_per_row(x, norm_weight[:, i], norm_bias[:, i], self.eps)
         return x
 
     def group_of(self, name: str) -> str:
