@@ -137,7 +137,17 @@ lr = 0.01
 """
 
 
-def test_declared_task_trains_exports_and_serves_from_its_spec_alone(repo_copy, tmp_path):
+def _tokens_declaration(tmp_path) -> list[str]:
+    """A tokens task padded with id 9 (ids 0..8 are real tokens), declared with -o options."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9, 40)
+    x = rng.integers(0, 9, (40, 8))
+    x[np.arange(8)[None, :] >= lengths[:, None]] = 9
+    np.savez(tmp_path / "tok.npz", x=x, y=lengths % 2)
+    return ["-o", "name=tok", "-o", "kind=tokens", "-o", f"data={tmp_path / 'tok.npz'}", "-o", "pad_id=9"]
+
+
+def test_declared_tasks_train_export_and_serve_from_their_spec_alone(repo_copy, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -145,24 +155,14 @@ def test_declared_task_trains_exports_and_serves_from_its_spec_alone(repo_copy, 
     x = (rng.integers(0, 60, (48, 8, 8)) + 60 * y[:, None, None]).astype(np.uint8)
     np.savez(data / "digits.npz", x=x, y=y, labels=np.array(["low", "mid", "high"]))
     (tmp_path / "digits.toml").write_text(DIGITS_TOML)
-    run = tmp_path / "run"
-    trained = _ok(
-        "train",
-        "--task-file",
-        str(tmp_path / "digits.toml"),
-        "--backbone",
-        "tiny-bert",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--out",
-        str(run),
-    )
+    run, tok = tmp_path / "run", tmp_path / "tok"
+    tiny = ["--backbone", "tiny-bert", "--steps", "3", "--batch-size", "8"]
+    trained = _ok("train", "--task-file", str(tmp_path / "digits.toml"), *tiny, "--out", str(run))
     assert f"checkpoint {run / 'best'}" in trained and (run / "best" / "config.json").is_file()
     saved = json.loads((run / "best" / "config.json").read_text())
     assert saved["train_config"]["lr"] == 0.01  # the task's recipe, as the user gave no --lr
-    _ok("export", "--checkpoint", str(run), "--repo", str(repo_copy))
+    _ok("train", "--task", "custom", *_tokens_declaration(tmp_path), *tiny, "--out", str(tok))
+    _ok("export", "--checkpoint", str(run), "--checkpoint", str(tok), "--repo", str(repo_copy))
     task_json = json.loads((repo_copy / "tasks" / "tiny-digits" / "task.json").read_text())
     assert task_json["labels"] == ["low", "mid", "high"] and task_json["spec"]["options"]["fitted"]["mean"]
 
@@ -173,6 +173,11 @@ def test_declared_task_trains_exports_and_serves_from_its_spec_alone(repo_copy, 
     assert "tiny-digits: 6 rows" in predicted
     gone = runner.invoke(app, ["evaluate", "--checkpoint", str(run)])
     assert gone.exit_code == 2 and "is gone" in gone.output and "--data-dir" in gone.output
+
+    rows = np.array([[0, 3, 9, 9, 9, 9, 9, 9], [5, 0, 0, 1, 2, 3, 4, 9]], dtype=np.int64)  # id 0 is a real token
+    np.save(tmp_path / "rows.npy", rows)
+    served = _ok("predict", "--repo", str(repo_copy), "--task", "tok", "--input", str(tmp_path / "rows.npy"))
+    assert "tok: 2 rows" in served
 
 
 def test_a_bad_task_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
@@ -186,20 +191,3 @@ def test_a_bad_task_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (line,) = [s for s in result.output.splitlines() if s.startswith("error:")]
     assert "patches that do: 1, 2, 4, 7, 14, 28" in line and "class(es) '1', '2', '3', '4' have no" in line
     assert not out.exists()
-
-
-def test_a_tokens_task_with_its_own_padding_id_is_served_raw(repo_copy, tmp_path):
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(1, 9, 40)
-    x = rng.integers(0, 9, (40, 8))  # ids 0..8 are real tokens; 9 pads
-    x[np.arange(8)[None, :] >= lengths[:, None]] = 9
-    np.savez(tmp_path / "tok.npz", x=x, y=lengths % 2)
-    run = tmp_path / "run"
-    declaration = ["-o", "name=tok", "-o", "kind=tokens", "-o", f"data={tmp_path / 'tok.npz'}", "-o", "pad_id=9"]
-    _ok("train", "--task", "custom", *declaration, "--backbone", "tiny-bert", "--steps", "2", "--out", str(run))
-    _ok("export", "--checkpoint", str(run), "--repo", str(repo_copy))
-    rows = np.array([[0, 3, 9, 9, 9, 9, 9, 9], [5, 0, 0, 1, 2, 3, 4, 9]], dtype=np.int64)  # id 0 is a real token
-    np.save(tmp_path / "rows.npy", rows)
-    assert "tok: 2 rows" in _ok(
-        "predict", "--repo", str(repo_copy), "--task", "tok", "--input", str(tmp_path / "rows.npy")
-    )
