@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from fpt_deploy.artifacts import LOCK, open_repository, repository_lock
+from fpt_deploy.artifacts import LOCK, open_repository, repository_lock, write_json
 from fpt_deploy.errors import ArtifactError
 
 # A child that takes the repository lock, says so on stdout, then waits for stdin (or to be killed).
@@ -53,6 +56,34 @@ def test_a_killed_writer_releases_the_lock(tmp_path):
         pass
 
 
+def _add_task_as_an_export_does(root: Path, name: str, barrier) -> None:
+    """Write a task's folder, then list it: re-read the manifest, add, save, under the lock (as export_task)."""
+    art = dataclasses.replace(open_repository(root).tasks["vec"], name=name)
+    write_json(root / "tasks" / name / "task.json", art.to_json())
+    barrier.wait()  # every writer reaches the manifest at the same moment
+    with repository_lock(root):
+        repo = open_repository(root)
+        repo.tasks[name] = art
+        repo.save_manifest()
+
+
+def test_eight_processes_listing_tasks_at_the_same_moment_all_land(tmp_path):
+    """Without the lock most of these updates are lost (1 or 2 of 8 land); with it, all do."""
+    from tests.serving.conftest import build_synthetic_repo
+
+    root = build_synthetic_repo(tmp_path / "repo")
+    names = [f"task{i}" for i in range(8)]
+    fork = multiprocessing.get_context("fork")  # the children touch no torch state: json and files only
+    barrier = fork.Barrier(len(names))
+    procs = [fork.Process(target=_add_task_as_an_export_does, args=(root, n, barrier)) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * len(names)
+    assert set(open_repository(root).tasks) == {"vec", "vec2", "tok", *names}
+
+
 def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedProcess]:
     """Start one ``fpt-deploy export`` process per checkpoint into ``repo``, all at once; wait for all."""
     procs = [
@@ -67,6 +98,7 @@ def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedPro
     return [subprocess.CompletedProcess(p.args, p.wait(), None, p.stderr.read()) for p in procs]
 
 
+@pytest.mark.slow  # two real export processes: about a minute on two cores
 def test_concurrent_exports_of_different_tasks_all_land_and_serve(tiny_checkpoints, tmp_path):
     """The issue's report: two exports of different tasks at once, both exit 0, one task missing.
 
