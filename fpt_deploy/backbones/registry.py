@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ class BackboneEntry:
 _REGISTRY: dict[str, BackboneEntry] = {}
 _CACHE: dict[str, object] = {}
 _entry_points_loaded = False
+_LOADING = threading.RLock()  # an entry point's module may itself ask the registry while it loads
 
 
 def register_backbone(name: str, description: str, source: str):
@@ -67,10 +69,15 @@ def _as_entry(name: str, obj, origin: str) -> BackboneEntry | None:
 
 
 def _load_entry_points() -> None:
+    """Register every entry point once; threads that ask meanwhile wait for the whole registry."""
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
+    with _LOADING:
+        if not _entry_points_loaded:
+            _entry_points_loaded = True  # first: a module that asks the registry while it loads does not recurse
+            _register_entry_points()
+
+
+def _register_entry_points() -> None:
     own = False
     for ep, dist in group_entry_points(ENTRY_POINT_GROUP):
         origin, is_own = origin_of(dist)

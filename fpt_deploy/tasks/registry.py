@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from dataclasses import dataclass
 
 from fpt_deploy.errors import UnknownNameError
@@ -38,6 +39,7 @@ class TaskEntry:
 _REGISTRY: dict[str, TaskEntry] = {}
 _BROKEN: dict[str, str] = {}  # entry-point name -> why it could not be loaded
 _entry_points_loaded = False
+_LOADING = threading.RLock()  # an entry point's module may itself ask the registry while it loads
 
 
 def register_task(cls=None, *, origin: str | None = None):
@@ -53,10 +55,15 @@ def register_task(cls=None, *, origin: str | None = None):
 
 
 def _load_entry_points() -> None:
+    """Register every entry point once; threads that ask meanwhile wait for the whole registry."""
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
+    with _LOADING:
+        if not _entry_points_loaded:
+            _entry_points_loaded = True  # first: a module that asks the registry while it loads does not recurse
+            _register_entry_points()
+
+
+def _register_entry_points() -> None:
     from fpt_deploy.tasks.base import Task
 
     own = False

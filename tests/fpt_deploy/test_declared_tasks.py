@@ -219,3 +219,15 @@ def test_a_declaration_named_like_a_registered_task_is_refused_not_mistaken_for_
     data = _image_npz(tmp_path / "d.npz")
     with pytest.raises(TaskDataError, match="'mnist' is taken by a registered task"):
         get_task("mnist", kind="image", data=str(data))  # as a task file naming itself "mnist" arrives
+
+
+def test_threads_that_ask_while_the_registry_loads_see_every_task(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fpt_deploy.tasks import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(lambda _: registry.is_registered("mnist"), range(8)))
+    assert seen == [True] * 8
