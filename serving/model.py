@@ -52,6 +52,7 @@ class LoadedTask:
     labels: list[str]
     heads: SharedHeads | OwnHeads  # the sessions that run this task's heads
     slot: int  # row of this task in its heads' tables
+    pad_id: int = 0  # the raw id that pads token rows (a declared tokens task may choose another)
     pending: int = 0  # requests queued or running
     unloading: bool = False  # remove_task began: no new requests
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -114,10 +115,11 @@ class LoadedTask:
                 f"got values in [{array.min()}, {array.max()}]"
             )
         if self.vocab_size:
-            real = array.reshape(len(array), -1) != 0  # token id 0 is padding
+            real = array.reshape(len(array), -1) != self.pad_id
             if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
                 raise InvalidInputError(
-                    f"{where}: each row needs at least one token, and padding (id 0) only after the last token"
+                    f"{where}: each row needs at least one token, and padding (id {self.pad_id}) only after "
+                    "the last token"
                 )
         return array
 
@@ -245,6 +247,7 @@ class ServingModel:
             labels=list(art.labels),
             heads=heads,
             slot=slot,
+            pad_id=int(art.spec.options.get("pad_id", 0)) if art.spec.vocab_size else 0,
         )
         self.tasks[art.name] = task
         return task
