@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m fpt_deploy.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -280,8 +280,9 @@ def test_cuda_runs_under_torchrun_with_nccl(tmp_path):
 
 
 def test_a_user_error_in_a_rank_that_joined_a_group_exits_without_teardown():
-    from fpt_deploy.errors import DataUnavailableError
     from fpt_deploy.training.distributed import joined
+
+    from fpt_deploy.errors import DataUnavailableError
 
     for owns_group in (True, False):
         with pytest.raises(DataUnavailableError) as e, joined(World(backend="gloo", owns_group=owns_group)):
