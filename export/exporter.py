@@ -1,4 +1,4 @@
-"""``export_task``: checkpoints in, a validated deployment repository out (DESIGN.md, "Artifacts").
+"""``export_task``: checkpoints in, a validated deployment repository out (docs/architecture.md, "The deployment repository").
 
 Order of writes, each atomic (``fpt_deploy.atomic``), so a kill at any point leaves the previous
 repository loadable:

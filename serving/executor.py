@@ -12,7 +12,7 @@ much as a real one. Real tokens are a prefix of each row (the exported heads' co
 padding and trimming change no real token's output.
 
 A request that makes its batch fail is isolated: the batch is re-run one request at a time, so only
-the failing request gets the error (DESIGN.md, "One failing request never fails its neighbours").
+the failing request gets the error (docs/architecture.md, "Serving").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random backbones keep the suite fast (STYLE.md, rule 7)."""
+"""Shared fixtures: tiny random backbones keep the suite fast."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def paper_trainable() -> frozenset[str]:
-    """Exactly what trains (DESIGN.md "The model"): input layer, positions, every norm's scale and bias,
+    """Exactly what trains (docs/architecture.md, "The pipeline"): input layer, positions, every norm's scale and bias,
     output layer. For a Linear input layer; an Embedding (token tasks) has no ``input_head.embed.bias``."""
     return frozenset(
         {

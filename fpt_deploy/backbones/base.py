@@ -3,7 +3,7 @@
 A body holds the attention and feed-forward weights of a pretrained transformer, frozen. Its
 normalisation layers have no weights of their own: every row of a batch brings its task's scale and
 bias (``norm_weight``, ``norm_bias`` of shape (B, N_norm, D)), so one call serves a batch that mixes
-tasks (DESIGN.md, "Backbone ONNX contract"). The pretrained norm values and position embeddings are
+tasks (docs/architecture.md, "The body contract"). The pretrained norm values and position embeddings are
 kept as buffers only to initialise new tasks.
 """
 
