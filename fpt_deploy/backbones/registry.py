@@ -13,18 +13,14 @@ local Hugging Face folder or a hub id (``org/name``).
 from __future__ import annotations
 
 import importlib
-import logging
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fpt_deploy.checkpoint import body_from_checkpoint, is_checkpoint
 from fpt_deploy.errors import UnknownNameError
-from fpt_deploy.plugins import group_entry_points, origin_of
-
-log = logging.getLogger(__name__)
+from fpt_deploy.plugins import PluginGroup
 
 ENTRY_POINT_GROUP = "fpt_deploy.backbones"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
@@ -41,8 +37,7 @@ class BackboneEntry:
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 _CACHE: dict[str, object] = {}
-_entry_points_loaded = False
-_LOADING = threading.RLock()  # an entry point's module may itself ask the registry while it loads
+_PLUGINS = PluginGroup(ENTRY_POINT_GROUP, what="backbone", expects="a loader or a BackboneEntry")
 
 
 def register_backbone(name: str, description: str, source: str):
@@ -68,33 +63,18 @@ def _as_entry(name: str, obj, origin: str) -> BackboneEntry | None:
     return None
 
 
+def _register(name: str, entry: BackboneEntry) -> None:
+    _REGISTRY.setdefault(name, entry)
+
+
+def _register_builtin_backbones() -> None:
+    hf = importlib.import_module("fpt_deploy.backbones.hf")
+    for entry in hf.BUILTIN_BACKBONES:
+        _REGISTRY.setdefault(entry.name, replace(entry, origin="fpt-deploy (source tree)"))
+
+
 def _load_entry_points() -> None:
-    """Register every entry point once; threads that ask meanwhile wait for the whole registry."""
-    global _entry_points_loaded
-    with _LOADING:
-        if not _entry_points_loaded:
-            _entry_points_loaded = True  # first: a module that asks the registry while it loads does not recurse
-            _register_entry_points()
-
-
-def _register_entry_points() -> None:
-    own = False
-    for ep, dist in group_entry_points(ENTRY_POINT_GROUP):
-        origin, is_own = origin_of(dist)
-        try:
-            entry = _as_entry(ep.name, ep.load(), origin)
-        except Exception as e:  # a broken plug-in must not take the other backbones down
-            log.warning("backbone plug-in %s (%s) failed to load: %s: %s", ep.name, origin, type(e).__name__, e)
-            continue
-        if entry is None:
-            log.warning("backbone plug-in %s (%s) is neither a loader nor a BackboneEntry", ep.name, origin)
-            continue
-        own = own or is_own
-        _REGISTRY.setdefault(ep.name, entry)
-    if not own:  # a source tree used without installing it: its entry points are not declared anywhere
-        hf = importlib.import_module("fpt_deploy.backbones.hf")
-        for entry in hf.BUILTIN_BACKBONES:
-            _REGISTRY.setdefault(entry.name, replace(entry, origin="fpt-deploy (source tree)"))
+    _PLUGINS.load_once(_as_entry, _register, _register_builtin_backbones)
 
 
 def list_backbones() -> list[BackboneEntry]:

@@ -14,14 +14,10 @@ declaration a checkpoint stores) is a declared task (``fpt_deploy.tasks.declared
 from __future__ import annotations
 
 import importlib
-import logging
-import threading
 from dataclasses import dataclass
 
 from fpt_deploy.errors import UnknownNameError
-from fpt_deploy.plugins import group_entry_points, origin_of
-
-log = logging.getLogger(__name__)
+from fpt_deploy.plugins import PluginGroup
 
 ENTRY_POINT_GROUP = "fpt_deploy.tasks"
 # Imported when fpt-deploy's own entry points are missing (a source tree used without installing it).
@@ -37,9 +33,7 @@ class TaskEntry:
 
 
 _REGISTRY: dict[str, TaskEntry] = {}
-_BROKEN: dict[str, str] = {}  # entry-point name -> why it could not be loaded
-_entry_points_loaded = False
-_LOADING = threading.RLock()  # an entry point's module may itself ask the registry while it loads
+_PLUGINS = PluginGroup(ENTRY_POINT_GROUP, what="task", expects="a Task subclass named {name!r}")
 
 
 def register_task(cls=None, *, origin: str | None = None):
@@ -54,37 +48,25 @@ def register_task(cls=None, *, origin: str | None = None):
     return wrap(cls) if cls is not None else wrap
 
 
-def _load_entry_points() -> None:
-    """Register every entry point once; threads that ask meanwhile wait for the whole registry."""
-    global _entry_points_loaded
-    with _LOADING:
-        if not _entry_points_loaded:
-            _entry_points_loaded = True  # first: a module that asks the registry while it loads does not recurse
-            _register_entry_points()
-
-
-def _register_entry_points() -> None:
+def _as_entry(name: str, cls, origin: str) -> TaskEntry | None:
     from fpt_deploy.tasks.base import Task
 
-    own = False
-    for ep, dist in group_entry_points(ENTRY_POINT_GROUP):
-        origin, is_own = origin_of(dist)
-        try:
-            cls = ep.load()
-        except Exception as e:  # a broken plug-in must not take the other tasks down
-            _BROKEN[ep.name] = f"entry point {ep.value!r} of {origin} failed to load: {type(e).__name__}: {e}"
-            log.warning("task plug-in %s: %s", ep.name, _BROKEN[ep.name])
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != ep.name:
-            _BROKEN[ep.name] = f"entry point {ep.value!r} of {origin} is not a Task subclass named {ep.name!r}"
-            log.warning("task plug-in %s: %s", ep.name, _BROKEN[ep.name])
-            continue
-        own = own or is_own
-        _REGISTRY[ep.name] = TaskEntry(name=ep.name, task=cls, origin=origin)
-    if not own:
-        log.debug("fpt-deploy's task entry points are missing (not installed?); importing the built-in tasks")
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(f"fpt_deploy.tasks.{module}")
+    if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != name:
+        return None
+    return TaskEntry(name=name, task=cls, origin=origin)
+
+
+def _register(name: str, entry: TaskEntry) -> None:
+    _REGISTRY[name] = entry
+
+
+def _import_builtin_tasks() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"fpt_deploy.tasks.{module}")
+
+
+def _load_entry_points() -> None:
+    _PLUGINS.load_once(_as_entry, _register, _import_builtin_tasks)
 
 
 def list_task_entries() -> list[TaskEntry]:
@@ -118,8 +100,8 @@ def get_task(name: str, /, *, max_positions: int | None = None, **options):
         cls = DeclaredTask
         if "file" not in options:
             options.setdefault("name", name)
-    elif name in _BROKEN:
-        raise UnknownNameError(f"task {name!r} is unavailable: {_BROKEN[name]}")
+    elif name in _PLUGINS.broken:
+        raise UnknownNameError(f"task {name!r} is unavailable: {_PLUGINS.broken[name]}")
     else:
         raise UnknownNameError(
             f"unknown task {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "

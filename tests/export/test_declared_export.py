@@ -80,8 +80,8 @@ def plugin(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text(ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(site))
     saved = dict(tasks._REGISTRY), dict(backbones._REGISTRY)
-    monkeypatch.setattr(tasks, "_entry_points_loaded", False)
-    monkeypatch.setattr(backbones, "_entry_points_loaded", False)
+    monkeypatch.setattr(tasks._PLUGINS, "loaded", False)
+    monkeypatch.setattr(backbones._PLUGINS, "loaded", False)
     yield site
     for registry, before in zip((tasks._REGISTRY, backbones._REGISTRY), saved, strict=True):
         registry.clear()
