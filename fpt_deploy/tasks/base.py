@@ -17,7 +17,7 @@ from fpt_deploy.errors import ConfigError
 from fpt_deploy.tasks.recipe import Recipe
 from fpt_deploy.taskspec import TaskOption, TaskSpec, parse_task_options
 
-__all__ = ["Task", "TaskData", "TaskOption", "TaskSpec", "parse_options"]
+__all__ = ["Task", "TaskData", "TaskOption", "TaskSpec", "TokenTask", "parse_options"]
 
 
 @dataclass(kw_only=True)
@@ -55,6 +55,34 @@ class Task(ABC):
     @abstractmethod
     def load_data(self, split: str, data_dir: Path | None = None, download: bool = False, seed: int = 0) -> TaskData:
         """The raw ``split`` ("train" or "test") of this task's data set."""
+
+
+class TokenTask(Task):
+    """A task whose raw input is ``max_len`` token ids (0 = padding), read out as one of ``num_classes``.
+
+    A subclass sets ``vocab_size`` and ``num_classes``, declares a ``max_len`` option, and loads data.
+    """
+
+    vocab_size: int
+    num_classes: int
+
+    def build_spec(self) -> TaskSpec:
+        L = self.options["max_len"]
+        return TaskSpec(
+            name=self.name,
+            input_shape=(L,),
+            input_dtype="int64",
+            seq_len=L,
+            vocab_size=self.vocab_size,
+            num_classes=self.num_classes,
+            labels=tuple(str(i) for i in range(self.num_classes)),
+            options=self.options,
+        )
+
+    def build_preprocess(self):
+        from fpt_deploy.tasks.preprocess import TokenIds
+
+        return TokenIds()
 
 
 def parse_options(pairs: list[str]) -> dict:

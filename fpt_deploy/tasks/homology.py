@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fpt_deploy.errors import DataUnavailableError, TaskDataError
-from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
-from fpt_deploy.tasks.preprocess import TokenIds
+from fpt_deploy.tasks.base import TaskData, TaskOption, TaskSpec, TokenTask
 from fpt_deploy.tasks.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -82,9 +81,11 @@ def read_tape_split(data_dir: Path | None, split: str) -> tuple[list[dict], Path
 
 
 @register_task
-class RemoteHomology(Task):
+class RemoteHomology(TokenTask):
     name = "remote-homology"
     description = "TAPE remote homology: a protein's fold (1,195 classes) from its amino acids (--data-dir)"
+    vocab_size = VOCAB_SIZE
+    num_classes = NUM_FOLDS
     declared_options = {
         "max_len": TaskOption(type=int, default=1024, help="residues a sequence (longer ones are cut)"),
         "test_split": TaskOption(type=str, default="test_fold_holdout", help="TAPE's held-out split to score"),
@@ -93,20 +94,7 @@ class RemoteHomology(Task):
     def build_spec(self) -> TaskSpec:
         if self.options["test_split"] not in TEST_SPLITS:
             raise TaskDataError(f"remote-homology: test_split must be one of {', '.join(TEST_SPLITS)}")
-        L = self.options["max_len"]
-        return TaskSpec(
-            name=self.name,
-            input_shape=(L,),
-            input_dtype="int64",
-            seq_len=L,
-            vocab_size=VOCAB_SIZE,
-            num_classes=NUM_FOLDS,
-            labels=tuple(str(i) for i in range(NUM_FOLDS)),
-            options=self.options,
-        )
-
-    def build_preprocess(self):
-        return TokenIds()
+        return super().build_spec()
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         tape_split = "train" if split == "train" else self.options["test_split"]

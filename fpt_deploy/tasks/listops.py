@@ -10,8 +10,7 @@ import random
 
 import numpy as np
 
-from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
-from fpt_deploy.tasks.preprocess import TokenIds
+from fpt_deploy.tasks.base import TaskData, TaskOption, TokenTask
 from fpt_deploy.tasks.registry import register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -44,9 +43,11 @@ def generate_tree(rng: random.Random, depth: int, max_depth: int, max_args: int,
 
 
 @register_task
-class ListOps(Task):
+class ListOps(TokenTask):
     name = "listops"
     description = "ListOps: nested MAX/MIN/MED/SUM_MOD expressions as token ids, 10 classes (generated)"
+    vocab_size = len(VOCAB)
+    num_classes = 10
     declared_options = {
         "max_len": TaskOption(type=int, default=512, help="tokens a sequence (longer expressions are redrawn)"),
         "min_len": TaskOption(type=int, default=32, help="fewest tokens an expression has"),
@@ -56,22 +57,6 @@ class ListOps(Task):
         "train_size": TaskOption(type=int, default=20000, help="generated training examples"),
         "test_size": TaskOption(type=int, default=2000, help="generated held-out examples"),
     }
-
-    def build_spec(self) -> TaskSpec:
-        L = self.options["max_len"]
-        return TaskSpec(
-            name=self.name,
-            input_shape=(L,),
-            input_dtype="int64",
-            seq_len=L,
-            vocab_size=len(VOCAB),
-            num_classes=10,
-            labels=tuple(str(d) for d in range(10)),
-            options=self.options,
-        )
-
-    def build_preprocess(self):
-        return TokenIds()
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         o = self.options

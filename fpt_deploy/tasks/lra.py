@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from fpt_deploy.errors import DataUnavailableError, TaskDataError
-from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
+from fpt_deploy.tasks.base import TaskData, TaskOption, TokenTask
 from fpt_deploy.tasks.listops import TOKEN_ID, VOCAB
-from fpt_deploy.tasks.preprocess import TokenIds
 from fpt_deploy.tasks.registry import register_task
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
@@ -47,28 +46,14 @@ def _tsv(data_dir: Path | None, split: str) -> Path:
 
 
 @register_task
-class ListOpsLra(Task):
+class ListOpsLra(TokenTask):
     name = "listops-lra"
     description = "ListOps from the Long Range Arena TSV files (--data-dir), full length, 10 classes"
+    vocab_size = len(VOCAB)
+    num_classes = 10
     declared_options = {
         "max_len": TaskOption(type=int, default=2000, help="tokens a row (LRA's rows reach 2,000)"),
     }
-
-    def build_spec(self) -> TaskSpec:
-        L = self.options["max_len"]
-        return TaskSpec(
-            name=self.name,
-            input_shape=(L,),
-            input_dtype="int64",
-            seq_len=L,
-            vocab_size=len(VOCAB),
-            num_classes=10,
-            labels=tuple(str(d) for d in range(10)),
-            options=self.options,
-        )
-
-    def build_preprocess(self):
-        return TokenIds()
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         path, L = _tsv(data_dir, split), self.options["max_len"]
