@@ -55,6 +55,20 @@ def multi_head_attention(
     return y.transpose(1, 2).reshape(B, L, D)
 
 
+class TransformerBlock(nn.Module):
+    """One block's frozen weights: fused query/key/value, attention output, and the feed-forward pair.
+
+    BERT and GPT-2 bodies hold the same weights per block; they differ in where the norms sit (``forward``).
+    """
+
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.ff_in = nn.Linear(d, ff)
+        self.ff_out = nn.Linear(ff, d)
+
+
 class Body(nn.Module, metaclass=ABCMeta):
     """Frozen transformer blocks. Subclasses set the attributes below and implement ``forward``."""
 
@@ -69,6 +83,12 @@ class Body(nn.Module, metaclass=ABCMeta):
         self.config: dict = {}
         self.dropout = 0.0  # embedding/residual/attention dropout while training (the reference's; off by default)
         self._attention_record: list[torch.Tensor] | None = None
+
+    def _register_pretrained(self, d: int) -> None:
+        """Buffers for the pretrained norms (``num_norms`` rows) and positions (``max_positions`` rows), width ``d``."""
+        self.register_buffer("pretrained_norm_weight", torch.ones(self.num_norms, d))
+        self.register_buffer("pretrained_norm_bias", torch.zeros(self.num_norms, d))
+        self.register_buffer("pretrained_positions", torch.zeros(self.max_positions, d))
 
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0

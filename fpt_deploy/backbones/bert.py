@@ -11,16 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpt_deploy.backbones.base import Body, dropout, layer_norm_per_row, multi_head_attention
-
-
-class _BertBlock(nn.Module):
-    def __init__(self, d: int, ff: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attn_out = nn.Linear(d, d)
-        self.ff_in = nn.Linear(d, ff)
-        self.ff_out = nn.Linear(ff, d)
+from fpt_deploy.backbones.base import Body, TransformerBlock, dropout, layer_norm_per_row, multi_head_attention
 
 
 class BertBody(Body):
@@ -36,10 +27,8 @@ class BertBody(Body):
             f"layer.{i}.{n}" for i in range(layers) for n in ("attention.output.LayerNorm", "output.LayerNorm")
         ]
         self.max_positions = config["max_position_embeddings"]
-        self.blocks = nn.ModuleList(_BertBlock(d, config["intermediate_size"]) for _ in range(layers))
-        self.register_buffer("pretrained_norm_weight", torch.ones(self.num_norms, d))
-        self.register_buffer("pretrained_norm_bias", torch.zeros(self.num_norms, d))
-        self.register_buffer("pretrained_positions", torch.zeros(self.max_positions, d))
+        self.blocks = nn.ModuleList(TransformerBlock(d, config["intermediate_size"]) for _ in range(layers))
+        self._register_pretrained(d)
 
     def forward(self, hidden, attention_mask, norm_weight, norm_bias):
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to

@@ -9,16 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpt_deploy.backbones.base import Body, dropout, layer_norm_per_row, multi_head_attention
-
-
-class _GPT2Block(nn.Module):
-    def __init__(self, d: int, ff: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attn_out = nn.Linear(d, d)
-        self.ff_in = nn.Linear(d, ff)
-        self.ff_out = nn.Linear(ff, d)
+from fpt_deploy.backbones.base import Body, TransformerBlock, dropout, layer_norm_per_row, multi_head_attention
 
 
 class GPT2Body(Body):
@@ -32,10 +23,8 @@ class GPT2Body(Body):
         self.num_norms = 2 * layers + 1
         self.norm_names = [f"h.{i}.{n}" for i in range(layers) for n in ("ln_1", "ln_2")] + ["ln_f"]
         self.max_positions = config["n_positions"]
-        self.blocks = nn.ModuleList(_GPT2Block(d, config["n_inner"] or 4 * d) for _ in range(layers))
-        self.register_buffer("pretrained_norm_weight", torch.ones(self.num_norms, d))
-        self.register_buffer("pretrained_norm_bias", torch.zeros(self.num_norms, d))
-        self.register_buffer("pretrained_positions", torch.zeros(self.max_positions, d))
+        self.blocks = nn.ModuleList(TransformerBlock(d, config["n_inner"] or 4 * d) for _ in range(layers))
+        self._register_pretrained(d)
 
     def forward(self, hidden, attention_mask, norm_weight, norm_bias):
         L = hidden.shape[1]

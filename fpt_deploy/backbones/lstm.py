@@ -42,9 +42,7 @@ class LSTMBody(Body):
         self.norm_names = [f"lstm.{i}.LayerNorm" for i in range(layers)]
         self.max_positions = config["max_positions"]
         self.lstms = nn.ModuleList(nn.LSTM(d, d, batch_first=True) for _ in range(layers))
-        self.register_buffer("pretrained_norm_weight", torch.ones(self.num_norms, d))
-        self.register_buffer("pretrained_norm_bias", torch.zeros(self.num_norms, d))
-        self.register_buffer("pretrained_positions", torch.zeros(self.max_positions, d))
+        self._register_pretrained(d)
 
     def forward(self, hidden, attention_mask, norm_weight, norm_bias):
         x = hidden * attention_mask[..., None].to(hidden.dtype)  # (B, L, D): padding zeroed
