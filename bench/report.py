@@ -425,19 +425,7 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
     goals = summary.get("goals", [])
     if goals:
         lines += ["## Goals (issue 5)", ""]
-        lines += _table(
-            ["goal", "measured", "target", "met"],
-            [
-                [
-                    g["goal"],
-                    _fmt(g["value"], ".2f"),
-                    f"{'>=' if g['higher_is_better'] else '<='} {g['target']:g}",
-                    ("-" if g["met"] is None else "yes" if g["met"] else "**no**")
-                    + (f" ({g['note']})" if g["note"] else ""),
-                ]
-                for g in goals
-            ],
-        )
+        lines += _goals_table(goals)
     lines += _many_tasks_markdown(results, summary)
     levels = summary.get("levels", [])
     if levels:
@@ -574,6 +562,23 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
     return "\n".join(lines)
 
 
+def _goals_table(goals: list[dict]) -> list[str]:
+    """Markdown rows: each goal's measured value against its target, and whether it is met."""
+    return _table(
+        ["goal", "measured", "target", "met"],
+        [
+            [
+                g["goal"],
+                _fmt(g["value"], ".2f"),
+                f"{'>=' if g['higher_is_better'] else '<='} {g['target']:g}",
+                ("-" if g["met"] is None else "yes" if g["met"] else "**no**")
+                + (f" ({g['note']})" if g["note"] else ""),
+            ]
+            for g in goals
+        ],
+    )
+
+
 def _many_tasks_markdown(results: dict, summary: dict) -> list[str]:
     many = results.get("many_tasks") or {}
     if not many.get("contenders"):
@@ -582,19 +587,7 @@ def _many_tasks_markdown(results: dict, summary: dict) -> list[str]:
     goals = summary.get("many_task_goals") or many_task_goals(results)
     if goals:
         lines += ["## Goals (issue 14: many tasks)", ""]
-        lines += _table(
-            ["goal", "measured", "target", "met"],
-            [
-                [
-                    g["goal"],
-                    _fmt(g["value"], ".2f"),
-                    f"{'>=' if g['higher_is_better'] else '<='} {g['target']:g}",
-                    ("-" if g["met"] is None else "yes" if g["met"] else "**no**")
-                    + (f" ({g['note']})" if g["note"] else ""),
-                ]
-                for g in goals
-            ],
-        )
+        lines += _goals_table(goals)
     concurrency = results.get("config", {}).get("concurrency", [1, 8, 32])
     top = max(concurrency)
     lines += [
