@@ -4,7 +4,7 @@
 TensorRT) reuse ``write_backbone_graph`` / ``write_task_graphs`` or read the repository it wrote.
 """
 
-import importlib
+from fpt_deploy.lazy import lazy_exports
 
 # name -> submodule: loaded on first use, so ``fpt_deploy.export.config`` (read by the CLI to build
 # its options) imports without torch.
@@ -27,8 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fpt_deploy.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"fpt_deploy.export.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

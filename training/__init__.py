@@ -6,7 +6,7 @@ options) imports without torch.
 
 from __future__ import annotations
 
-import importlib
+from fpt_deploy.lazy import lazy_exports
 
 _EXPORTS = {
     "EvaluateConfig": "config",
@@ -21,8 +21,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fpt_deploy.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"fpt_deploy.training.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
