@@ -50,12 +50,8 @@ def train_checkpoints(root: Path, tasks: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
-def one_run(checkpoints: dict[str, Path], repo: Path) -> dict:
-    from fpt_deploy.serving import ServeConfig, ServingModel
-
-    from fpt_deploy.artifacts import open_repository
-
-    t0 = time.perf_counter()
+def export_concurrently(checkpoints: dict[str, Path], repo: Path) -> list[subprocess.CompletedProcess]:
+    """Start one ``fpt-deploy export`` process per checkpoint into ``repo``, all at once; wait for all."""
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "fpt_deploy.cli", "export", "--checkpoint", str(path), "--repo", str(repo)],
@@ -65,8 +61,18 @@ def one_run(checkpoints: dict[str, Path], repo: Path) -> dict:
         )
         for path in checkpoints.values()
     ]
-    codes = [p.wait() for p in procs]
-    errors = [p.stderr.read()[-400:] for p, c in zip(procs, codes, strict=True) if c != 0]
+    return [subprocess.CompletedProcess(p.args, p.wait(), None, p.stderr.read()) for p in procs]
+
+
+def one_run(checkpoints: dict[str, Path], repo: Path) -> dict:
+    from fpt_deploy.serving import ServeConfig, ServingModel
+
+    from fpt_deploy.artifacts import open_repository
+
+    t0 = time.perf_counter()
+    done = export_concurrently(checkpoints, repo)
+    codes = [d.returncode for d in done]
+    errors = [d.stderr[-400:] for d in done if d.returncode != 0]
     listed = sorted(open_repository(repo).tasks) if (repo / "manifest.json").exists() else []
     served = []
     if set(listed) == set(checkpoints):

@@ -16,6 +16,12 @@ import pytest
 from fpt_deploy.artifacts import LOCK, open_repository, repository_lock, write_json
 from fpt_deploy.errors import ArtifactError
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.concurrent_export import export_concurrently  # noqa: E402
+
 # A child that takes the repository lock, says so on stdout, then waits for stdin (or to be killed).
 _HOLDER = textwrap.dedent(
     """
@@ -84,25 +90,11 @@ def test_eight_processes_listing_tasks_at_the_same_moment_all_land(tmp_path):
     assert set(open_repository(root).tasks) == {"vec", "vec2", "tok", *names}
 
 
-def export_concurrently(checkpoints: dict, repo) -> list[subprocess.CompletedProcess]:
-    """Start one ``fpt-deploy export`` process per checkpoint into ``repo``, all at once; wait for all."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fpt_deploy.cli", "export", "--checkpoint", str(path), "--repo", str(repo)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for path in checkpoints.values()
-    ]
-    return [subprocess.CompletedProcess(p.args, p.wait(), None, p.stderr.read()) for p in procs]
-
-
 @pytest.mark.slow  # two real export processes: about a minute on two cores
 def test_concurrent_exports_of_different_tasks_all_land_and_serve(tiny_checkpoints, tmp_path):
     """The issue's report: two exports of different tasks at once, both exit 0, one task missing.
 
-    bench/concurrent_export.py runs the same with more processes, many times.
+    bench/concurrent_export.py runs the same (its ``export_concurrently``) with more processes, many times.
     """
     from fpt_deploy.serving import ServeConfig, ServingModel
 
