@@ -14,8 +14,30 @@ def _split_seed(split: str, seed: int) -> int:
     return seed * 2 + (split == "test")  # train and test never share a generator stream
 
 
+class _BitTask(Task):
+    """Rows of n-bit strings, ``patch`` bits a token; the last n // patch tokens read out one bit each."""
+
+    def _bit_spec(self, *, strings: int) -> TaskSpec:
+        n, p = self.options["n"], self.options["patch"]
+        return TaskSpec(
+            name=self.name,
+            input_shape=(strings * n,),
+            input_dtype="uint8",
+            seq_len=strings * n // p,
+            token_dim=p,
+            num_classes=2,
+            read_tokens=n // p,
+            outputs_per_token=p,
+            labels=("0", "1"),
+            options=self.options,
+        )
+
+    def build_preprocess(self):
+        return BitPatches(self.options["patch"])
+
+
 @register_task
-class BitXor(Task):
+class BitXor(_BitTask):
     name = "bit-xor"
     description = "element-wise XOR of n-bit strings (two by default), patch bits a token (generated)"
     declared_options = {
@@ -30,21 +52,7 @@ class BitXor(Task):
         n, p, s = self.options["n"], self.options["patch"], self.options["strings"]
         if n % p or s < 2:
             raise ConfigError(f"bit-xor: n={n} must be a multiple of patch={p}, and strings={s} at least 2")
-        return TaskSpec(
-            name=self.name,
-            input_shape=(s * n,),
-            input_dtype="uint8",
-            seq_len=s * n // p,
-            token_dim=p,
-            num_classes=2,
-            read_tokens=n // p,
-            outputs_per_token=p,
-            labels=("0", "1"),
-            options=self.options,
-        )
-
-    def build_preprocess(self):
-        return BitPatches(self.options["patch"])
+        return self._bit_spec(strings=s)
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         n, s, size = self.options["n"], self.options["strings"], self.options[f"{split}_size"]
@@ -55,7 +63,7 @@ class BitXor(Task):
 
 
 @register_task
-class BitMemory(Task):
+class BitMemory(_BitTask):
     name = "bit-memory"
     description = "recall one of 5 n-bit strings from a half-masked copy; patch bits a token (generated)"
     declared_options = {
@@ -71,21 +79,7 @@ class BitMemory(Task):
         n, p, s = self.options["n"], self.options["patch"], self.options["strings"]
         if n % p:
             raise ConfigError(f"bit-memory: n={n} must be a multiple of patch={p}")
-        return TaskSpec(
-            name=self.name,
-            input_shape=((s + 1) * n,),
-            input_dtype="uint8",
-            seq_len=(s + 1) * n // p,
-            token_dim=p,
-            num_classes=2,
-            read_tokens=n // p,
-            outputs_per_token=p,
-            labels=("0", "1"),
-            options=self.options,
-        )
-
-    def build_preprocess(self):
-        return BitPatches(self.options["patch"])
+        return self._bit_spec(strings=s + 1)  # the strings, then the masked query
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         n, s, size = self.options["n"], self.options["strings"], self.options[f"{split}_size"]
