@@ -14,6 +14,8 @@ Its backbone mixes tokens (a masked mean over the sequence), so a padding bug ch
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,36 @@ def synthetic_inputs(task: str, rows: int, rng) -> np.ndarray:
     lengths = rng.integers(1, seq + 1, size=rows)
     ids[np.arange(seq)[None, :] >= lengths[:, None]] = 0
     return ids
+
+
+@contextmanager
+def gated_client(config, **batcher_options):
+    """An in-process app whose batcher holds every batch until ``gate`` is set.
+
+    Yields ``(client, state, gate, entered)``: ``entered`` is set once a batch reaches the gate.
+    ``batcher_options`` are ``DynamicBatcher``'s (max_batch_size, max_queue_size, ...).
+    """
+    from fastapi.testclient import TestClient
+    from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServingModel
+    from fpt_deploy.serving.metrics import ServingMetrics
+    from fpt_deploy.serving.server import ServerState, create_app
+
+    model = ServingModel(config)
+    gate, entered = threading.Event(), threading.Event()
+    executor = MixedBatchExecutor(model.runtime)
+
+    def held(batch):
+        entered.set()
+        gate.wait(10)
+        executor(batch)
+
+    metrics = ServingMetrics()
+    state = ServerState(model, DynamicBatcher(held, metrics=metrics, **batcher_options), metrics, config)
+    with TestClient(create_app(state)) as client:
+        try:
+            yield client, state, gate, entered
+        finally:
+            gate.set()
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 import pytest
-from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
-from fpt_deploy.serving.metrics import ServingMetrics
-from fpt_deploy.serving.server import ServerState, create_app
+from fpt_deploy.serving import ServeConfig
+
+from tests.serving.conftest import gated_client
 
 
 def body(x: np.ndarray) -> bytes:
@@ -21,23 +21,9 @@ def body(x: np.ndarray) -> bytes:
 @pytest.fixture
 def gated_app(synthetic_repo):
     """An app whose batcher holds every batch until ``gate`` is set; one request may wait in its queue."""
-    from fastapi.testclient import TestClient
-
     config = ServeConfig(repo=synthetic_repo, threads=1, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1)
-    model = ServingModel(config)
-    gate, entered = threading.Event(), threading.Event()
-    executor = MixedBatchExecutor(model.runtime)
-
-    def gated(batch):
-        entered.set()
-        gate.wait(10)
-        executor(batch)
-
-    metrics = ServingMetrics()
-    state = ServerState(model, DynamicBatcher(gated, 1, 0, 1, metrics), metrics, config)
-    with TestClient(create_app(state)) as client:
-        yield client, state, gate, entered
-        gate.set()
+    with gated_client(config, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1) as gated:
+        yield gated
 
 
 def test_full_queue_answers_503_and_recovers(gated_app):

@@ -419,26 +419,14 @@ def test_sigterm_finishes_within_grace_with_a_stalled_upload(synthetic_repo, tmp
 @pytest.fixture
 def gated(synthetic_repo):
     """An app whose batcher holds every batch at ``gate``; its queue holds 8 rows."""
-    from fastapi.testclient import TestClient
-    from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
-    from fpt_deploy.serving.metrics import ServingMetrics
-    from fpt_deploy.serving.server import ServerState, create_app
+    from fpt_deploy.serving import ServeConfig
+
+    from tests.serving.conftest import gated_client
 
     config = ServeConfig(repo=synthetic_repo, threads=1, max_batch_size=4, max_queue_rows=8, max_queue_delay_ms=0)
-    model = ServingModel(config)
-    gate, entered = threading.Event(), threading.Event()
-    executor = MixedBatchExecutor(model.runtime)
-
-    def held(batch):
-        entered.set()
-        gate.wait(10)
-        executor(batch)
-
-    metrics = ServingMetrics()
-    batcher = DynamicBatcher(held, 4, 0, 1024, metrics, max_queue_rows=8)
-    with TestClient(create_app(ServerState(model, batcher, metrics, config))) as client:
-        yield client, batcher, gate, entered
-        gate.set()
+    kw = dict(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=1024, max_queue_rows=8)
+    with gated_client(config, **kw) as (client, state, gate, entered):
+        yield client, state.batcher, gate, entered
 
 
 def test_queue_full_in_rows_answers_503_at_once(gated):
