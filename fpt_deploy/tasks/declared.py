@@ -42,6 +42,7 @@ COMMON_OPTIONS = {
     "description": TaskOption(type=str, default="", help="one line for listings"),
 }
 RECIPE_KEYS = ("lr", "epochs", "steps", "schedule")
+LIST_KEYS = ("labels", "mean", "std")  # text options that a TOML file may give as a list (or one number)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FITTED, RECIPE, SPLIT = "fitted", "recipe", "split"  # keys the built task adds to its options
 
@@ -82,8 +83,12 @@ class DeclaredTask(Task):
         options = dict(options)
         recipe = dict(options.pop(RECIPE, None) or {})
         recipe |= {k: options.pop(k) for k in RECIPE_KEYS if k in options}
-        if isinstance(options.get("labels"), (list, tuple)):
-            options["labels"] = ",".join(str(s) for s in options["labels"])
+        for key in LIST_KEYS:  # a TOML list or number, written as the command line's comma-separated text
+            value = options.get(key)
+            if isinstance(value, (list, tuple)):
+                options[key] = ",".join(str(v) for v in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                options[key] = str(value)
         kind = None
         kind_name = str(options.get("kind", ""))
         if not kind_name:
@@ -105,6 +110,8 @@ class DeclaredTask(Task):
                 typed[key] = parse_option_value(key, option.type, options.get(key, option.default))
             except ConfigError as e:
                 problems.append(str(e))
+        if kind is not None and all(k in typed for k in kind.options):
+            problems += kind.check_options(typed)
         for key in ("name", "data"):
             if not typed.get(key):
                 problems.append(f"{key} is missing")

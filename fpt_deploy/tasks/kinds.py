@@ -12,6 +12,7 @@ client sends the raw example). Adding a kind is one class here and one ``registe
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -57,6 +58,60 @@ def _chunked_moments(x: np.ndarray, axis: tuple[int, ...], chunk: int = 4096) ->
     return mean, np.where(std > 1e-8, std, 1.0)  # a constant feature is left centred, not divided by 0
 
 
+def _stat_option(scale: str) -> TaskOption:
+    return TaskOption(
+        type=str,
+        default="",
+        help=f"normalisation statistic {scale}: one value or one per channel, comma-separated; "
+        "empty = computed from the training split",
+    )
+
+
+def _stat_values(text: str) -> list[float]:
+    """The numbers of an explicit ``mean``/``std`` option (empty: none given); ValueError if not numbers."""
+    return [float(v) for v in text.split(",")] if text.strip() else []
+
+
+def _check_stats(o: dict) -> list[str]:
+    """Problems with explicit ``mean``/``std``: given together, numbers, finite, std > 0."""
+    problems = []
+    if bool(o["mean"].strip()) != bool(o["std"].strip()):
+        problems.append("give mean and std together, or neither to compute them from the training split")
+    for key in ("mean", "std"):
+        try:
+            values = _stat_values(o[key])
+        except ValueError:
+            problems.append(f"{key} {o[key]!r} must be numbers: one value, or one per channel, comma-separated")
+            continue
+        if not all(math.isfinite(v) for v in values):
+            problems.append(f"{key} {o[key]!r} must be finite numbers")
+        elif key == "std" and any(v <= 0 for v in values):
+            problems.append(f"std {o[key]!r} must be greater than 0")
+    return problems
+
+
+def _check_stat_lengths(o: dict, channels: int, unit: str) -> list[str]:
+    """Explicit statistics must hold one value or one per ``unit`` (channel or feature)."""
+    problems = []
+    for key in ("mean", "std"):
+        try:
+            n = len(_stat_values(o[key]))
+        except ValueError:
+            continue  # reported by _check_stats
+        if n not in (0, 1, channels):
+            need = "1" if channels == 1 else f"1 or {channels}"
+            problems.append(f"{key} has {n} values but the data have {channels} {unit}(s); give {need}")
+    return problems
+
+
+def _explicit_stats(o: dict, channels: int) -> tuple[list[float], list[float]] | None:
+    """The given ``mean``/``std``, one per channel (a single value repeated); None when not given."""
+    mean, std = _stat_values(o["mean"]), _stat_values(o["std"])
+    if not mean:
+        return None
+    return [mean[i % len(mean)] for i in range(channels)], [std[i % len(std)] for i in range(channels)]
+
+
 class InputKind(ABC):
     """One way of turning raw examples into tokens."""
 
@@ -86,6 +141,10 @@ class InputKind(ABC):
     def build_preprocess(self, o: dict, fitted: dict):
         """The parameter-free torch module: raw batch -> tokens."""
 
+    def check_options(self, o: dict) -> list[str]:
+        """Problems with the (typed) options alone, found before any data is read."""
+        return []
+
     def resolve_options(self, o: dict, x_train: np.ndarray, y_train: np.ndarray) -> dict:
         """Options left to the data (0 = "from the data") filled in from the training split."""
         return o
@@ -107,7 +166,14 @@ class ImageKind(InputKind):
     name = "image"
     description = "uint8 images [H, W] or [H, W, C] cut into P x P patches, normalised per channel"
     input_dtype = "uint8"
-    options = {"patch": TaskOption(type=int, default=4, help="patch side in pixels; divides H and W")}
+    options = {
+        "patch": TaskOption(type=int, default=4, help="patch side in pixels; divides H and W"),
+        "mean": _stat_option("on the 0..1 scale (e.g. 0.485,0.456,0.406 for ImageNet)"),
+        "std": _stat_option("on the 0..1 scale (e.g. 0.229,0.224,0.225 for ImageNet)"),
+    }
+
+    def check_options(self, o):
+        return _check_stats(o)
 
     def check_inputs(self, o, x, where):
         problems = []
@@ -116,6 +182,7 @@ class ImageKind(InputKind):
         if x.ndim not in (3, 4):
             problems.append(f"{where} images have shape {list(x.shape)}; need [N, H, W] or [N, H, W, C]")
             return problems
+        problems += _check_stat_lengths(o, x.shape[3] if x.ndim == 4 else 1, "channel")
         h, w, p = x.shape[1], x.shape[2], o["patch"]
         if p < 1 or h % p or w % p:
             fits = [d for d in _divisors(h) if w % d == 0]
@@ -125,9 +192,11 @@ class ImageKind(InputKind):
         return problems
 
     def fit(self, o, x_train):
-        axis = (0, 1, 2)
         x = x_train if x_train.ndim == 4 else x_train[..., None]
-        mean, std = _chunked_moments(x, axis)
+        given = _explicit_stats(o, x.shape[3])
+        if given is not None:  # the user's statistics (e.g. a dataset's published ones) replace the split's
+            return {"input_shape": list(x_train.shape[1:]), "mean": given[0], "std": given[1]}
+        mean, std = _chunked_moments(x, (0, 1, 2))
         return {
             "input_shape": list(x_train.shape[1:]),
             "mean": [round(float(m) / 255.0, 6) for m in mean],
@@ -156,7 +225,12 @@ class SequenceKind(InputKind):
             default="feature",
             help="feature: one mean/std per feature F (time series); position: per step and feature (tables)",
         ),
+        "mean": _stat_option("in the data's units"),
+        "std": _stat_option("in the data's units"),
     }
+
+    def check_options(self, o):
+        return _check_stats(o)
 
     def check_inputs(self, o, x, where):
         problems = []
@@ -178,10 +252,13 @@ class SequenceKind(InputKind):
             )
         if o["standardize"] not in ("feature", "position"):
             problems.append(f"standardize must be feature or position (got {o['standardize']!r})")
-        return problems
+        return problems + _check_stat_lengths(o, x.shape[2] if x.ndim == 3 else 1, "feature")
 
     def fit(self, o, x_train):
         x = x_train if x_train.ndim == 3 else x_train[..., None]  # (N, T, F)
+        given = _explicit_stats(o, x.shape[2])
+        if given is not None:  # one mean/std per feature, the same at every step
+            return {"input_shape": list(x_train.shape[1:]), "mean": given[0], "std": given[1]}
         mean, std = _chunked_moments(x, (0, 1) if o["standardize"] == "feature" else (0,))
         return {"input_shape": list(x_train.shape[1:]), "mean": mean.round(8).tolist(), "std": std.round(8).tolist()}
 

@@ -84,6 +84,31 @@ def test_statistics_come_from_the_training_split_and_standardise_it(tmp_path):
     assert image.spec.options["fitted"]["mean"] == [pytest.approx(pixels.mean(), abs=1e-6)]
 
 
+def test_explicit_statistics_replace_the_computed_ones_and_travel_in_the_spec(tmp_path):
+    from fpt_deploy.tasks.preprocess import ImagePatches
+
+    data = _image_npz(tmp_path / "rgb.npz", shape=(4, 4, 3))
+    spec_file = tmp_path / "rgb.toml"  # ImageNet's statistics, given as a TOML list
+    spec_file.write_text(
+        'name = "rgb"\nkind = "image"\ndata = "rgb.npz"\npatch = 2\n'
+        "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n"
+    )
+    task = get_task("custom", file=str(spec_file))
+    fitted = task.spec.options["fitted"]
+    assert (fitted["mean"], fitted["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    x = torch.from_numpy(task.load_data("train").inputs)
+    expected = ImagePatches(2, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(x)
+    torch.testing.assert_close(task.build_preprocess()(x), expected)
+    again = get_task("rgb", **json.loads(json.dumps(task.options)))  # from a checkpoint's config, no data read
+    torch.testing.assert_close(again.build_preprocess()(x), expected)
+
+    one = get_task("custom", name="one", kind="image", data=str(data), mean="0.5", std="0.25")
+    assert one.spec.options["fitted"]["mean"] == [0.5] * 3 and one.spec.options["fitted"]["std"] == [0.25] * 3
+    seq = get_task("custom", name="seq", kind="sequence", data=str(_sequence_npz(tmp_path / "s.npz")), mean=5, std=10)
+    z = seq.build_preprocess()(torch.from_numpy(seq.load_data("train").inputs))
+    torch.testing.assert_close(z, (torch.from_numpy(seq.load_data("train").inputs) - 5) / 10)
+
+
 def test_padding_id_becomes_the_masked_id_and_rows_read_their_last_real_token(tmp_path):
     task = get_task("custom", name="tok", kind="tokens", data=str(_tokens_npz(tmp_path / "t.npz")), pad_id=11)
     x = torch.tensor([[0, 5, 11, 11, 11, 11, 11]])
@@ -181,6 +206,11 @@ BAD_CASES = [  # writer options, declaration, expected fragment
     ({}, {"patch": "four"}, "option patch='four' must be"),
     ({}, {"bogus": 1}, "unknown option(s) bogus"),
     ({"shape": (28, 28)}, {"patch": 1, "max_positions": 128}, "784 tokens an example exceed the backbone's 128"),
+    ({}, {"mean": "0.1307"}, "give mean and std together"),
+    ({}, {"mean": "0.5", "std": "0"}, "std '0' must be greater than 0"),
+    ({}, {"mean": "nan", "std": "0.3"}, "mean 'nan' must be finite"),
+    ({}, {"mean": "half", "std": "0.3"}, "mean 'half' must be numbers"),
+    ({}, {"mean": "0.4,0.5,0.6", "std": "0.3"}, "mean has 3 values but the data have 1 channel(s); give 1"),
 ]
 
 
