@@ -3,8 +3,8 @@
     python -m bench.operate                       # tiny-bert tasks; prints each call and its result
     python -m bench.operate --out bench/results/operate.txt
 
-The server starts (``fpt-deploy serve --model-control-mode explicit --grpc-port ...``) with bit-xor and
-mnist; then bit-memory is exported into its repository while it runs. Over each protocol in turn:
+The server starts (``fpt-deploy serve --model-control-mode explicit --load-model '*' --grpc-port ...``)
+with bit-xor and mnist; then bit-memory is exported into its repository while it runs. Over each protocol in turn:
 get_model_repository_index, load_model(bit-memory), infer on it, get_inference_statistics,
 get_model_config, infer with class_count=3, unload_model. Last, the Triton-named series of /metrics.
 """
@@ -55,15 +55,23 @@ def _cli_has(option: str) -> bool:
 
 @contextmanager
 def running_server(repo: Path, threads: int = 1, **settings):
-    """``fpt-deploy serve`` on free ports in explicit model control with gRPC; yields (process, http, grpc)."""
+    """``fpt-deploy serve`` on free ports in explicit model control with gRPC, the tasks exported so far loaded
+    (``--load-model *``, as Triton's explicit mode loads nothing without it); yields (process, http, grpc)."""
     http_port, grpc_port = free_port(), free_port()
     fields = dict(
-        repo=str(repo), port=http_port, grpc_port=grpc_port, model_control_mode="explicit", threads=threads, **settings
+        repo=str(repo),
+        port=http_port,
+        grpc_port=grpc_port,
+        model_control_mode="explicit",
+        load_model=["*"],
+        threads=threads,
+        **settings,
     )
     if _cli_has("--grpc-port"):
         args = [sys.executable, "-m", "fpt_deploy.cli", "serve"]
         for key, value in fields.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            for one in value if isinstance(value, list) else [value]:  # a list: the option repeated
+                args += [f"--{key.replace('_', '-')}", str(one)]
     else:  # the CLI does not list the serve settings yet: the same ServeConfig through the library
         code = (
             "import json, sys; from fpt_deploy.serving import ServeConfig, serve; "

@@ -128,6 +128,13 @@ class ServeConfig(RuntimeConfig):
             "tasks through /v2/repository/models/<task>/load and /unload; poll follows the manifest."
         },
     )
+    load_model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "As Triton's: with --model-control-mode explicit, a task to load at start-up (repeat the "
+            "option for several; * for all); without it none is loaded. The other modes load every task."
+        },
+    )
     poll_interval: float = field(
         default=5.0, metadata={"help": "Seconds between two reads of the manifest in poll mode."}
     )
@@ -143,6 +150,11 @@ class ServeConfig(RuntimeConfig):
             problems.append(f"grpc port must be within 0..65535 (got {self.grpc_port})")
         if not self.poll_interval > 0:
             problems.append(f"poll interval must be > 0 seconds (got {self.poll_interval})")
+        self.load_model = list(self.load_model)
+        if "*" in self.load_model and len(self.load_model) > 1:
+            problems.append("--load-model * loads every task and must be the only --load-model (as in Triton)")
+        if any(not name.strip() for name in self.load_model):
+            problems.append("--load-model needs a task name (or * for all)")
         collect(problems)
 
     def limit_problems(self) -> list[str]:

@@ -9,10 +9,12 @@ classification, and the page at ``/``.
     GET  /                                          the page (``serving/static``)
 
 ``--model-control-mode`` follows Triton: ``none`` serves the tasks found at start-up and refuses load
-and unload; ``explicit`` takes them through the API; ``poll`` follows the manifest (a task listed
-there is loaded, changed tasks reloaded, dropped ones unloaded) and refuses the API calls, as Triton
-refuses them when it polls. ``RepositoryControl`` does the work for HTTP, gRPC and the poller alike,
-one operation at a time; the model's ``add_task``/``remove_task`` keep every other task serving.
+and unload; ``explicit`` starts with only the tasks named by ``--load-model`` (``*``: all; none named:
+no task at all, the server still live and ready) and takes the others through the API; ``poll``
+follows the manifest (a task listed there is loaded, changed tasks reloaded, dropped ones unloaded)
+and refuses the API calls, as Triton refuses them when it polls. ``RepositoryControl`` does the work
+for HTTP, gRPC and the poller alike, one operation at a time; the model's ``add_task``/``remove_task``
+keep every other task serving.
 Spec: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_repository.md
 """
 
@@ -53,6 +55,36 @@ def status_of(error: Exception) -> int:
     if isinstance(error, TimeoutError):  # an unload whose requests did not finish in time: retry later
         return 503
     return getattr(error, "status", 400 if isinstance(error, FptDeployError) else 500)
+
+
+def startup_tasks(config) -> list[str] | None:
+    """The tasks a server of ``config`` (a ``ServeConfig``) loads at start-up, as Triton chooses them.
+
+    ``None`` means every task of the served body: modes none and poll, or explicit with
+    ``--load-model *``. In explicit mode, the tasks named by ``--load-model`` (an empty list without
+    it); a name the repository does not list is refused, every such name in one error. Outside
+    explicit mode ``--load-model`` has no effect, as in Triton, and a warning says so.
+    """
+    names = list(config.load_model)
+    if config.model_control_mode != "explicit":
+        if names:
+            log.warning(
+                "--load-model %s is ignored: it applies only with --model-control-mode explicit, and mode %s "
+                "loads every task at start-up",
+                " ".join(names),
+                config.model_control_mode,
+            )
+        return None
+    if names == ["*"]:
+        return None
+    listed = open_repository(config.repo).tasks
+    unknown = [n for n in names if n not in listed]
+    if unknown:
+        raise UnknownNameError(
+            f"--load-model names {', '.join(map(repr, unknown))}, not in {config.repo}; "
+            f"its tasks: {', '.join(sorted(listed)) or '(none yet)'}"
+        )
+    return list(dict.fromkeys(names))
 
 
 class RepositoryControl:

@@ -125,17 +125,22 @@ class LoadedTask:
 
 
 class ServingModel:
-    """Every task of a repository (or the ``tasks`` named) around one shared backbone runtime."""
+    """Every task of a repository (or the ``tasks`` named) around one shared backbone runtime.
+
+    ``tasks=None`` loads every task (of the ``--fingerprint`` body, when one is named); an empty list
+    loads none (Triton's explicit mode without ``--load-model``): the body is then the one named by
+    ``--fingerprint``, or the repository's only one, and tasks come later through ``add_task``.
+    """
 
     def __init__(self, config: RuntimeConfig, tasks: list[str] | None = None) -> None:
         repo = open_repository(config.repo)
-        wanted = list(tasks) if tasks else sorted(repo.tasks)
-        if not wanted:
+        wanted = sorted(repo.tasks) if tasks is None else list(tasks)
+        if tasks is None and not wanted:
             raise ArtifactError(f"{repo.root} holds no tasks; export one with `fpt-deploy export`")
         for name in wanted:
             repo.task(name)  # UnknownNameError naming the tasks it has
         self.backbone = repo.find_backbone(config.fingerprint, wanted)
-        if config.fingerprint and not tasks:  # serve the tasks of the chosen backbone, leave the others
+        if config.fingerprint and tasks is None:  # serve the tasks of the chosen backbone, leave the others
             wanted = [t for t in wanted if repo.tasks[t].fingerprint == self.backbone.fingerprint]
             if not wanted:
                 raise ArtifactError(f"{repo.root} holds no task on backbone {self.backbone.fingerprint[:16]}")

@@ -155,7 +155,7 @@ class ServerState:
 
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
-        model = ServingModel(config)
+        model = ServingModel(config, extensions.startup_tasks(config))  # explicit mode: --load-model's only
         metrics = ServingMetrics()
         executor = MixedBatchExecutor(model.runtime, config.pad_tolerance, metrics)
         batcher = DynamicBatcher(

@@ -49,10 +49,21 @@ def repo(synthetic_repo, tmp_path):
     return root, unlist(root, LATE)
 
 
-def client_for(root, mode: str):
+def client_for(root, mode: str, load_model: list[str] | None = None, **settings):
+    """A test client of a server in ``mode``; explicit mode loads every task (``--load-model *``) unless told."""
     from fastapi.testclient import TestClient
 
-    config = ServeConfig(repo=root, threads=1, max_queue_delay_ms=0, model_control_mode=mode, poll_interval=3600)
+    if load_model is None:
+        load_model = ["*"] if mode == "explicit" else []
+    config = ServeConfig(
+        repo=root,
+        threads=1,
+        max_queue_delay_ms=0,
+        model_control_mode=mode,
+        poll_interval=3600,
+        load_model=load_model,
+        **settings,
+    )
     state = ServerState.load(config)
     return TestClient(create_app(state)), state
 
@@ -73,6 +84,87 @@ def test_index_lists_every_task_with_its_state(explicit):
     assert states == {"tok": ("READY", ""), "vec": ("READY", ""), LATE: ("UNAVAILABLE", "unloaded")}
     ready = client.post("/v2/repository/index", json={"ready": True}).json()
     assert {m["name"] for m in ready} == {"tok", "vec"}
+
+
+def test_explicit_mode_without_load_model_starts_with_no_task_and_loads_on_request(repo):
+    root, late = repo
+    relist(root, late)
+    client, state = client_for(root, "explicit", load_model=[])
+    with client:
+        assert state.model.tasks == {}
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 200
+        index = client.post("/v2/repository/index").json()
+        assert {m["name"]: (m["state"], m["reason"]) for m in index} == {
+            name: ("UNAVAILABLE", "unloaded") for name in ("tok", "vec", LATE)
+        }
+        assert client.post("/v2/repository/index", json={"ready": True}).json() == []
+        x = synthetic_inputs("vec", 2, np.random.default_rng(0))
+        refused = client.post("/v2/models/vec/infer", content=infer_body(x))
+        assert refused.status_code == 404 and "error" in refused.json()
+        assert client.post("/v2/repository/models/vec/load").status_code == 200
+        answer = client.post("/v2/models/vec/infer", content=infer_body(x))
+        assert answer.status_code == 200, answer.text
+        assert np.isfinite(np.array(answer.json()["outputs"][0]["data"])).all()
+        assert set(state.model.tasks) == {"vec"}
+
+
+def test_load_model_names_the_tasks_loaded_at_start_up(repo):
+    root, late = repo
+    client, state = client_for(root, "explicit", load_model=["vec"])
+    with client:
+        assert set(state.model.tasks) == {"vec"}
+        states = {m["name"]: m["state"] for m in client.post("/v2/repository/index").json()}
+        assert states == {"vec": "READY", "tok": "UNAVAILABLE"}
+        x = synthetic_inputs("tok", 1, np.random.default_rng(0))
+        assert client.post("/v2/models/tok/infer", content=infer_body(x)).status_code == 404
+
+
+def test_load_model_refuses_tasks_the_repository_lacks_naming_them_all(repo):
+    from fpt_deploy.errors import UnknownNameError
+
+    root, late = repo
+    with pytest.raises(UnknownNameError) as caught:
+        client_for(root, "explicit", load_model=["vec", "nope", LATE])
+    message = str(caught.value)
+    assert "'nope'" in message and repr(LATE) in message and "'vec'" not in message
+    assert "its tasks: tok, vec" in message
+
+
+def test_load_model_star_must_be_the_only_one(repo):
+    from fpt_deploy.errors import ConfigError
+
+    root, _ = repo
+    with pytest.raises(ConfigError, match=r"--load-model \* .* must be the only"):
+        ServeConfig(repo=root, model_control_mode="explicit", load_model=["*", "vec"])
+
+
+@pytest.mark.parametrize("mode", ["none", "poll"])
+def test_load_model_outside_explicit_mode_is_ignored_with_a_warning(repo, mode, caplog):
+    root, _ = repo
+    with caplog.at_level("WARNING", logger="fpt_deploy.serving.extensions"):
+        client, state = client_for(root, mode, load_model=["vec"])
+    with client:
+        assert set(state.model.tasks) == {"tok", "vec"}  # every task, as Triton loads in these modes
+    assert any("--load-model vec is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_with_several_bodies_and_no_task_named_the_body_comes_from_fingerprint(repo):
+    from fpt_deploy.errors import ConfigError
+
+    root, _ = repo
+    with repository_lock(root):
+        listed = open_repository(root)
+        (body,) = listed.backbones.values()
+        listed.backbones["e" * 64] = dataclasses.replace(body, fingerprint="e" * 64)
+        listed.save_manifest()
+    with pytest.raises(ConfigError, match="--fingerprint"):
+        client_for(root, "explicit", load_model=[])
+    client, state = client_for(root, "explicit", load_model=[], fingerprint=body.fingerprint[:12])
+    with client:
+        assert state.model.tasks == {} and state.model.backbone.fingerprint == body.fingerprint
+        assert client.post("/v2/repository/models/vec/load").status_code == 200
+        assert set(state.model.tasks) == {"vec"}
 
 
 def test_a_task_exported_after_start_up_loads_serves_and_unloads(explicit):

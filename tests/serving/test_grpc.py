@@ -24,7 +24,7 @@ pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc,http] (
 def server(synthetic_repo, tmp_path):
     root = shutil.copytree(synthetic_repo, tmp_path / "repo")
     late = unlist(root, LATE)
-    config = ServeConfig(repo=root, threads=1, max_queue_delay_ms=1, model_control_mode="explicit")
+    config = ServeConfig(repo=root, threads=1, max_queue_delay_ms=1, model_control_mode="explicit", load_model=["*"])
     with live_server(config) as live:
         yield live, root, late
 
