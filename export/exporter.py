@@ -1,4 +1,4 @@
-"""``export_task``: checkpoints in, a validated deployment repository out (docs/architecture.md, "The deployment repository").
+"""``export_task``: checkpoints in, a validated deployment repository out (docs/architecture.md).
 
 Order of writes, each atomic (``fpt_deploy.atomic``), so a kill at any point leaves the previous
 repository loadable:
