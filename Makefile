@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m fpt_deploy.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench.report import render_markdown
-from bench.suite import DEFAULT_SKIP, ROOT, SECTIONS, SuiteConfig, run_suite
+from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -39,11 +39,9 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     p.add_argument("--seconds", type=float, dest="level_seconds", help="at most this long per load level")
     p.add_argument("--requests", type=int, dest="level_requests", help="at most this many requests per level")
     p.add_argument("--rounds", type=int, dest="load_rounds", help="rounds over all load levels (default 2)")
-    p.add_argument("--memory-tasks", type=_ints, help="fpt-deploy server task counts, default 1,10,50")
-    p.add_argument("--baseline-memory-tasks", type=_ints, help="per-task baseline counts, default 1,10")
     p.add_argument("--threads", type=int, help="intra-op threads everywhere (default physical cores)")
     p.add_argument(
-        "--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default {','.join(DEFAULT_SKIP)})"
+        "--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default: none)"
     )
     p.add_argument(
         "--task-counts", type=_ints, help="tasks on one server in the many_tasks section, default 1,10,100,1000"
@@ -72,8 +70,6 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
             "level_seconds",
             "level_requests",
             "load_rounds",
-            "memory_tasks",
-            "baseline_memory_tasks",
             "threads",
             "task_counts",
             "budget_s",

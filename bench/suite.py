@@ -19,9 +19,6 @@ Sections (``SECTIONS``), in the order they run:
   ``load_rounds`` rounds, each over every level of every contender, so a burst of load elsewhere hits
   all of them; a level's figures are the mean of its rounds. Right after each fpt-deploy level the raw
   backbone is timed again at that level's batch: the ceiling "/ raw backbone" divides by.
-- ``memory`` (skipped by default: ``many_tasks`` measures memory against N): resident memory (RSS) of
-  each server once every task has answered, with 1, 10, 50 tasks (fpt-deploy) and 1, 10 (baselines;
-  50 extrapolated linearly, marked as such).
 - ``training``: optimizer steps/s of the FPT step vs full fine-tuning of the same model and batch,
   fp32 and bf16 autocast, on CPU.
 
@@ -59,8 +56,7 @@ from bench.serve_load import ServerProcess, binary_request, clone_tasks, free_po
 
 log = logging.getLogger("bench.suite")
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("gemm", "backbone", "many_tasks", "load", "memory", "training")
-DEFAULT_SKIP = ("memory",)  # superseded by many_tasks: memory at N = 1 .. 1,000 (--skip "" runs it)
+SECTIONS = ("gemm", "backbone", "many_tasks", "load", "training")
 FPT_FP32, FPT_INT8 = "fpt-deploy fp32", "fpt-deploy int8"
 TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
 
@@ -83,8 +79,6 @@ class SuiteConfig:
     load_rounds: int = 1  # rounds over every load level of every contender (figures: the mean)
     raw_seconds_in_load: float = 3.0  # the raw backbone timed right after each fpt-deploy level
     level_requests: int = 2000  # at most this many requests per load level
-    memory_tasks: tuple[int, ...] = (1, 10, 50)  # fpt-deploy server
-    baseline_memory_tasks: tuple[int, ...] = (1, 10)  # per-task baselines (larger counts extrapolated)
     raw_batches: tuple[int, ...] = (1, 8, 32)
     raw_seconds: float = 1.0  # per round and contender
     raw_rounds: int = 2
@@ -106,7 +100,7 @@ class SuiteConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     plots: bool = True
-    skip: tuple[str, ...] = DEFAULT_SKIP  # sections not to run
+    skip: tuple[str, ...] = ()  # sections not to run
     quick_mode: bool = False
 
     def __post_init__(self) -> None:
@@ -127,8 +121,6 @@ class SuiteConfig:
             load_rounds=1,
             raw_seconds_in_load=1.0,
             level_requests=400,
-            memory_tasks=(1, 10, 50),
-            baseline_memory_tasks=(1, 3),
             raw_seconds=0.4,
             raw_rounds=2,
             gemm_seconds=1.0,
@@ -629,52 +621,6 @@ def bench_load(cfg: SuiteConfig, prep: Prepared) -> dict:
     return {"tasks": prep.tasks, "requests_cycled": len(bodies), "rounds": cfg.load_rounds, "levels": levels}
 
 
-def _memory_point(server: ServerProcess, names: list[str], rows: np.ndarray) -> float:
-    """RSS once every task has answered requests at the server's batch sizes."""
-    server.wait_ready()
-    try:
-        bodies = [(name, *binary_request(rows[i % len(rows)][None])) for i, name in enumerate(names)]
-        warm = load(server.port, bodies, 8, max_requests=max(2 * len(names), 64), max_seconds=60)
-        if warm["errors"]:
-            raise RuntimeError(f"{server.name}: {warm['errors']} requests failed, first: {warm['first_error']}")
-        return server.rss_mb()
-    finally:
-        server.stop()
-
-
-def bench_memory(cfg: SuiteConfig, prep: Prepared, scratch: Path) -> dict:
-    """RSS with N tasks loaded: fpt-deploy (one backbone, N heads) vs one whole model per task."""
-    out: dict[str, list[dict]] = {}
-    counts = sorted(set(cfg.memory_tasks) | set(cfg.baseline_memory_tasks))
-    fpt_rows = []
-    for count in sorted(cfg.memory_tasks):
-        repo = scratch / f"memory-{count}"
-        names = clone_tasks(prep.repo, prep.task, count, repo)
-        rss = _memory_point(fpt_server(repo, "fp32", cfg), names, prep.rows)
-        shutil.rmtree(repo, ignore_errors=True)
-        fpt_rows.append({"tasks": count, "rss_mb": rss, "measured": True})
-        log.info("fpt-deploy fp32 with %3d task(s): RSS %.1f MB", count, rss)
-    out[FPT_FP32] = fpt_rows
-    baselines = {TORCH_PER_TASK: ("torch", prep.checkpoint)}
-    if prep.full_onnx:
-        baselines[ORT_PER_TASK] = ("ort", prep.full_onnx)
-    for name, (runtime, path) in baselines.items():
-        rows = []
-        for count in sorted(cfg.baseline_memory_tasks):
-            names = [prep.task] + [f"{prep.task}-clone{k}" for k in range(1, count)]
-            rss = _memory_point(baseline_server(runtime, dict.fromkeys(names, path), cfg), names, prep.rows)
-            rows.append({"tasks": count, "rss_mb": rss, "measured": True})
-            log.info("%s with %3d task(s): RSS %.1f MB", name, count, rss)
-        if len(rows) >= 2:  # linear in the task count: each task holds a whole model
-            (n0, m0), (n1, m1) = (rows[0]["tasks"], rows[0]["rss_mb"]), (rows[-1]["tasks"], rows[-1]["rss_mb"])
-            per_task = (m1 - m0) / (n1 - n0)
-            for count in counts:
-                if count > n1:
-                    rows.append({"tasks": count, "rss_mb": m1 + per_task * (count - n1), "measured": False})
-        out[name] = rows
-    return out
-
-
 def bench_training(cfg: SuiteConfig, prep: Prepared, deadline: float = float("inf")) -> dict:
     """Optimizer steps/s: the FPT step (heads, positions, norms train) vs full fine-tuning, fp32 and bf16."""
     import torch
@@ -789,7 +735,6 @@ def run_suite(cfg: SuiteConfig) -> dict:
             "backbone": lambda: bench_backbone(cfg, prep),
             "many_tasks": lambda: bench_tasks(cfg, prep, scratch, tasks_deadline),
             "load": lambda: bench_load(cfg, prep),
-            "memory": lambda: bench_memory(cfg, prep, scratch),
             "training": lambda: bench_training(cfg, prep, deadline),
         }
         for name, fn in sections.items():

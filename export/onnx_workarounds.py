@@ -9,6 +9,9 @@
   and a length of at least 2 (``example_batch``).
 - Below opset 18 the exporter converts the graph down with the ONNX version converter and says so
   in a warning; that, and its notes about axis renaming, go to the debug log instead of the console.
+- Every ``torch.onnx.export`` call rebuilds its ATen-to-ONNX registry from torchlib (about a second of
+  pure Python, a fifth of a small export). Without a custom translation table the exporter never changes
+  that registry, so ``_shared_torchlib_registry`` builds it once per opset and hands the same one back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,36 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXAMPLE_BATCH = 2  # never 0 or 1: torch.export would specialise the batch axis to a constant
+
+
+_REGISTRIES: dict = {}  # (registry class, opset) -> the one registry built for it
+
+
+@contextmanager
+def _shared_torchlib_registry():
+    """Within the block, ``ONNXRegistry.from_torchlib`` builds one registry per (class, opset) and reuses it."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # another torch layout: export as it comes, only slower
+        yield
+        return
+    original = ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+    build = original.__func__
+
+    def shared(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _REGISTRIES[key]
+
+    ONNXRegistry.from_torchlib = classmethod(shared)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = original
 
 
 @contextmanager
@@ -62,7 +95,7 @@ def export_onnx(
         return dims[name]
 
     dynamic_shapes = tuple({axis: dim(n) for axis, n in dynamic_axes.get(name, {}).items()} for name in input_names)
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), _shared_torchlib_registry(), torch.no_grad():
         program = torch.onnx.export(
             module.eval(),
             args,

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker takes its share of the cores. torch's default, a thread per core in every
+    worker, oversubscribes the machine (2 workers x 2 threads on 2 cores) and slows every test down."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or not HAS_TORCH:
+        return
+    share = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))  # the children (servers, torchrun ranks) too
+    import torch
+
+    torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,8 +26,6 @@ def suite(tiny_checkpoints, tmp_path_factory):
         concurrency=(1, 4),
         level_seconds=0.5,
         level_requests=40,
-        memory_tasks=(1, 3),
-        baseline_memory_tasks=(1, 2),
         raw_batches=(1, 4),
         raw_seconds=0.05,
         raw_rounds=1,
@@ -70,12 +68,8 @@ def test_load_has_every_contender_and_level(suite):
     assert fpt and all(r["over_torch_per_task"] and r["over_raw_backbone"] for r in fpt)
 
 
-def test_memory_and_training_rows(suite):
+def test_training_rows(suite):
     _, results = suite
-    mem = results["memory"]
-    assert [p["tasks"] for p in mem["fpt-deploy fp32"]] == [1, 3]
-    torch_rows = mem["torch per task"]
-    assert [p["measured"] for p in torch_rows] == [True, True, False]  # 3 tasks: extrapolated
     steps = results["training"]["steps"]
     precisions = ("fp32", "bf16 autocast") if results["machine"]["native_bf16"] else ("fp32",)
     assert {(s["mode"], s["precision"]) for s in steps} == {
@@ -95,7 +89,6 @@ def test_markdown_and_plots(suite):
         "## Goals (issue 5)",
         "## Mixed-task serving throughput",
         "## Raw backbone",
-        "## Resident memory",
         "## Training step speed",
         "## Goals (issue 14: many tasks)",
         "## N tasks on one server",
@@ -104,7 +97,7 @@ def test_markdown_and_plots(suite):
         assert heading in text, heading
     assert text.count("<!-- machine: ") == 1  # this machine's section, once
     plots = results["files"]["plots"]
-    assert len(plots) == 7
+    assert len(plots) == 6
     for p in plots:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

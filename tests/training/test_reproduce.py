@@ -34,6 +34,8 @@ def test_ci_grid_writes_results_and_resumes(tmp_path):
     assert done["bit-xor/bit-memory/fpt/seed0"]["backbone"] == bit_memory_body
     assert done["bit-xor/lstm/fpt/seed0"]["backbone"] == "random-lstm-32"
     assert all(c["history"] and 0.0 <= c["test_accuracy"] <= 1.0 for c in done.values())
+    assert done["bit-xor/language/all/seed0"]["lr"] == 1e-4  # the whole body fine-tunes at ALL_LR
+    assert done["bit-xor/language/fpt/seed0"]["lr"] == 1e-3  # every other cell at the budget's rate
     md = (out / "results.md").read_text()
     assert "| language |" in md and "paper 56" in md and "paper 100" in md  # beside output-only and FPT
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
