@@ -40,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     p.add_argument("--requests", type=int, dest="level_requests", help="at most this many requests per level")
     p.add_argument("--rounds", type=int, dest="load_rounds", help="rounds over all load levels (default 2)")
     p.add_argument("--threads", type=int, help="intra-op threads everywhere (default physical cores)")
-    p.add_argument(
-        "--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default: none)"
-    )
+    p.add_argument("--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default: none)")
     p.add_argument(
         "--task-counts", type=_ints, help="tasks on one server in the many_tasks section, default 1,10,100,1000"
     )

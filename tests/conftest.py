@@ -69,6 +69,26 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def exported(tiny_checkpoints, tmp_path_factory):
+    """mnist and bit-xor (tiny-bert) exported into one repository, shared by the export and serving tests.
+    Tests must not modify it: copy it."""
+    from fpt_deploy.export import ExportConfig, export_task
+
+    config = ExportConfig(
+        checkpoints=[tiny_checkpoints["mnist"], tiny_checkpoints["bit-xor"]],
+        repo=tmp_path_factory.mktemp("deploy") / "repo",
+        validation_rows=16,
+    )
+    return export_task(config)
+
+
+@pytest.fixture(scope="session")
+def exported_repo(exported) -> Path:
+    """The ``exported`` repository's folder."""
+    return exported.repo
+
+
+@pytest.fixture(scope="session")
 def paper_trainable() -> frozenset[str]:
     """Exactly what trains (docs/architecture.md, "The pipeline"): input layer, positions, every norm's scale and bias,
     output layer. For a Linear input layer; an Embedding (token tasks) has no ``input_head.embed.bias``."""

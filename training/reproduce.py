@@ -22,7 +22,6 @@ vs random; ``convergence.png`` plots validation accuracy against steps.
 
 from __future__ import annotations
 
-
 import json
 import logging
 import time
@@ -418,7 +417,7 @@ def render_markdown(results: dict, cells: list[Cell]) -> str:
         f"as reported in {results['citation']}.",
         "The validation split (10% of the training data) chose each checkpoint; the test split chose nothing.",
         f"Adam, constant learning rate: the budget's for every cell but `all`, which fine-tunes the whole body at "
-        f"{ALL_LR:g}.",
+        f"{ALL_LR:.0e}.".replace("e-0", "e-"),
         f"Wall time of the grid: {results.get('wall_seconds', 0.0) / 60:.1f} min.",
         "",
     ]

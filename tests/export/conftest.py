@@ -1,4 +1,4 @@
-"""Export fixtures: one repository exported from the shared tiny checkpoints, reused read-only."""
+"""Export fixtures: private copies of the shared exported repository (tests/conftest.py), more checkpoints."""
 
 from __future__ import annotations
 
@@ -17,18 +17,6 @@ def _train(out: Path, task: str, backbone: str, **options) -> Path:
     return out / "best"
 
 
-@pytest.fixture(scope="session")
-def exported(tiny_checkpoints, tmp_path_factory):
-    """mnist and bit-xor (tiny-bert) exported into one repository. Tests must not modify it: copy it."""
-    from fpt_deploy.export import ExportConfig, export_task
-
-    repo = tmp_path_factory.mktemp("deploy")
-    config = ExportConfig(
-        tasks=["mnist", "bit-xor"], checkpoints=[tiny_checkpoints["mnist"], tiny_checkpoints["bit-xor"]], repo=repo
-    )
-    return export_task(config)
-
-
 @pytest.fixture
 def repo_copy(exported, tmp_path) -> Path:
     """A private copy of the exported repository (file times preserved)."""
@@ -44,4 +32,4 @@ def tiny_gpt2_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_checkpoint(tmp_path_factory) -> Path:
     """mnist on the real MiniLM body after a step or two (for size and speed checks, not accuracy)."""
-    return _train(tmp_path_factory.mktemp("minilm") / "mnist", "mnist", "minilm")
+    return _train(tmp_path_factory.mktemp("minilm") / "mnist", "mnist", "minilm", test_fraction=0.05)  # 250 scored

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 import torch
-
 from fpt_deploy.export import onnx_workarounds
 from fpt_deploy.export.onnx_workarounds import export_onnx
 
@@ -22,7 +21,13 @@ def _export(path) -> onnx.ModelProto:
     torch.manual_seed(0)
     args = (torch.randn(2, 3, 8), torch.ones(8))
     export_onnx(
-        _Block(), args, path, input_names=("x", "scale"), output_names=("y",), dynamic_axes={"x": {0: "batch"}}, opset=18
+        _Block(),
+        args,
+        path,
+        input_names=("x", "scale"),
+        output_names=("y",),
+        dynamic_axes={"x": {0: "batch"}},
+        opset=18,
     )
     return onnx.load(str(path))
 

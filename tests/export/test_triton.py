@@ -3,6 +3,7 @@ tensors, and input head (with its norm rows) -> backbone -> output head reproduc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,9 @@ TASKS = ("mnist", "bit-xor")
 
 
 @pytest.fixture(scope="module")
-def deploy_repo(tiny_checkpoints, tmp_path_factory) -> Path:
-    """A deployment repository with mnist and bit-xor on tiny-bert, written by the real exporter."""
-    from fpt_deploy.export.config import ExportConfig
-    from fpt_deploy.export.exporter import export_task
-
-    repo = tmp_path_factory.mktemp("deploy")
-    export_task(ExportConfig(checkpoints=[tiny_checkpoints[t] for t in TASKS], repo=repo, validation_rows=8))
-    return repo
+def deploy_repo(exported_repo, tmp_path_factory) -> Path:
+    """A copy of the exported tiny-bert repository (mnist, bit-xor; tests/conftest.py)."""
+    return Path(shutil.copytree(exported_repo, tmp_path_factory.mktemp("deploy") / "repo"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ make) in the exact format export writes, with three tasks that exercise what the
 - ``tok``  int64 token ids (B, 6), 0 = padding: rows of different real lengths.
 
 Its backbone mixes tokens (a masked mean over the sequence), so a padding bug changes the answers.
-``exported_repo`` is a real one: ``export.export_task`` of the tiny mnist and bit-xor checkpoints.
+``exported_repo`` (tests/conftest.py) is a real one: the tiny mnist and bit-xor checkpoints, exported.
 """
 
 from __future__ import annotations
@@ -265,17 +265,3 @@ def synthetic_repo(tmp_path_factory) -> Path:
 def make_inputs():
     """``make_inputs(task, rows, rng)``: valid raw inputs for a synthetic task."""
     return synthetic_inputs
-
-
-@pytest.fixture(scope="session")
-def exported_repo(tiny_checkpoints, tmp_path_factory) -> Path:
-    """A real deployment repository: the tiny mnist and bit-xor checkpoints through ``export.export_task``."""
-    from fpt_deploy.export import ExportConfig, export_task
-
-    root = tmp_path_factory.mktemp("exported") / "repo"
-    export_task(
-        ExportConfig(
-            checkpoints=[tiny_checkpoints["mnist"], tiny_checkpoints["bit-xor"]], repo=root, validation_rows=16
-        )
-    )
-    return root
