@@ -11,19 +11,20 @@ Writes ``<out>/suite.json`` (``suite_quick.json`` with --quick), PNG plots in ``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from bench.report import render_markdown
-from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite
+from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite, write_report
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
-def parse_args(argv: list[str] | None = None) -> SuiteConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, Path | None]:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter levels (~2 minutes)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON results and plots")
@@ -46,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     )
     p.add_argument("--budget-s", type=float, help="time budget of the whole suite in seconds (default 840)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: re-derive the goals, plots and markdown from a results file a run wrote",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -78,12 +85,17 @@ def parse_args(argv: list[str] | None = None) -> SuiteConfig:
     overrides["plots"] = not args.no_plots
     if args.skip is not None:
         overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
-    return SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
+    config = SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
+    return config, args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    results = run_suite(config)
+    config, saved = parse_args(argv)
+    if saved is not None:
+        results = json.loads(saved.read_text())
+        write_report(results, saved, config)
+    else:
+        results = run_suite(config)
     print(render_markdown(results))  # the console table; the files hold the same
     for kind, where in results.get("files", {}).items():
         print(f"{kind}: {where}")

@@ -73,9 +73,15 @@ def summarize(results: dict) -> dict:
         )
 
     top = max((lv["concurrency"] for c in levels.values() for lv in c), default=32)
+    torch_raw = _at(raw.get("torch eager", {}), max_batch)
     for variant in ("fp32", "int8"):
         r = find(f"{FPT_PREFIX}{variant}", top)
-        goal(f"server {variant} c={top} / torch per task", r and r.get("over_torch_per_task"), 2.0)
+        body = _at(raw.get(f"ort {variant}", {}), max_batch)
+        lead = body / torch_raw if body and torch_raw else None
+        why = ""
+        if lead is not None and lead < 2.0:  # the body's own lead bounds the server's (the reason, measured)
+            why = f"the ORT {variant} body is {lead:.2f}x torch eager at batch {max_batch} on this CPU (raw backbone)"
+        goal(f"server {variant} c={top} / torch per task", r and r.get("over_torch_per_task"), 2.0, note=why)
         goal(
             f"server {variant} c={top} / raw backbone {variant} batch {min(top, max_batch)}",
             r and r.get("over_raw_backbone"),
@@ -84,7 +90,12 @@ def summarize(results: dict) -> dict:
         r8 = find(f"{FPT_PREFIX}{variant}", 8)
         goal(f"server {variant} p99/p50 at c=8", r8 and r8.get("p99_over_p50"), 3.0, higher_is_better=False)
     fp32, int8 = _at(raw.get("ort fp32", {}), max_batch), _at(raw.get("ort int8", {}), max_batch)
-    goal(f"raw backbone int8 / fp32 at batch {max_batch}", int8 / fp32 if fp32 and int8 else None, 1.8)
+    gemm = results.get("gemm", {}).get("peak_float32_gflops")
+    flops = results.get("backbone", {}).get("flops_per_row")
+    why = ""
+    if fp32 and gemm and flops:  # the closer fp32 runs to the matrix units' peak, the less int8 has to win
+        why = f"the fp32 body already runs at {fp32 * flops / 1e9 / gemm:.0%} of this CPU's fp32 GEMM peak"
+    goal(f"raw backbone int8 / fp32 at batch {max_batch}", int8 / fp32 if fp32 and int8 else None, 1.8, note=why)
     acc = results.get("int8_accuracy", {})
     task = results.get("repository", {}).get("task")
     drop = acc.get(task, {}).get("drop_points") if task else None
@@ -105,8 +116,6 @@ def summarize(results: dict) -> dict:
             1.2,
             higher_is_better=False,
         )
-    gemm = results.get("gemm", {}).get("peak_float32_gflops")
-    flops = results.get("backbone", {}).get("flops_per_row")
     peak = {}
     if gemm and flops:
         for name, by_batch in raw.items():
@@ -151,6 +160,11 @@ def many_task_goals(results: dict) -> list[dict]:
         if largest:
             at = ratio(rate(fp32, mid, top), rate(ORT_PER_TASK, largest, top))
             ort_note += f"; vs its N={largest} throughput: {_fmt(at, '.2f')}"
+    raw = results.get("backbone", {}).get("rows_per_s", {}).get("ort fp32", {})
+    batch = min(top, results.get("config", {}).get("max_batch_size", top))
+    gain = ratio(_at(raw, batch), _at(raw, 1))
+    if not ort_note and gain is not None and gain < 3.0:  # one-row requests spread over tasks: batch 1 a task
+        ort_note = f"the body's batch-{batch} / batch-1 rows/s is {gain:.2f} on this CPU: the most batching can win"
     goal(
         f"{mid} tasks, uniform, c={top}: fp32 / ort per task",
         ratio(rate(fp32, mid, top), rate(ORT_PER_TASK, mid, top)),

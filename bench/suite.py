@@ -703,8 +703,6 @@ def run_suite(cfg: SuiteConfig) -> dict:
 
     A failing section is recorded (``errors``) and the others still run.
     """
-    from bench.report import summarize, write_markdown, write_plots
-
     started = time.time()
     cfg.out.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -761,20 +759,27 @@ def run_suite(cfg: SuiteConfig) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     results["seconds"] = round(time.time() - started, 1)
+    write_report(results, cfg.out / ("suite_quick.json" if cfg.quick_mode else "suite.json"), cfg)
+    return results
+
+
+def write_report(results: dict, json_path: Path, cfg: SuiteConfig) -> None:
+    """The summary (goals and ratios), then the results JSON, plots and markdown, all from ``results``."""
+    from bench.report import summarize, write_markdown, write_plots
+
     results["summary"] = summarize(results)
-    name = "suite_quick.json" if cfg.quick_mode else "suite.json"
-    (cfg.out / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    results["files"] = {"json": str(cfg.out / name)}
+    results.pop("files", None)
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results["files"] = {"json": str(json_path)}
     if cfg.plots:
         try:
             results["files"]["plots"] = [str(p) for p in write_plots(results, cfg.out)]
         except Exception as e:  # noqa: BLE001
             log.error("plots failed: %s", e)
-            results["errors"]["plots"] = str(e)
+            results.setdefault("errors", {})["plots"] = str(e)
     if cfg.markdown:
         write_markdown(results, Path(cfg.markdown), cfg.out)
         results["files"]["markdown"] = str(cfg.markdown)
-    return results
 
 
-__all__ = ["SECTIONS", "SuiteConfig", "run_suite"]
+__all__ = ["SECTIONS", "SuiteConfig", "run_suite", "write_report"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,9 +84,10 @@ def exported(tiny_checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exported_repo(exported) -> Path:
-    """The ``exported`` repository's folder."""
-    return exported.repo
+def exported_repo(exported, tmp_path_factory) -> Path:
+    """A copy of the ``exported`` repository for the serving tests: serving writes its runtime's cache beside
+    the backbone, which the export tests must not see."""
+    return Path(shutil.copytree(exported.repo, tmp_path_factory.mktemp("served") / "repo"))
 
 
 @pytest.fixture(scope="session")

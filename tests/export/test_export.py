@@ -68,9 +68,8 @@ def test_reexport_leaves_backbone_and_unchanged_tasks_untouched(exported, repo_c
     backbone = next(iter(repo.backbones.values())).path(repo.root)
     before = (backbone.read_bytes(), backbone.stat().st_mtime_ns)
     heads = {p: p.stat().st_mtime_ns for p in (repo.root / "tasks").rglob("*") if p.is_file()}
-    result = export_task(
-        ExportConfig(checkpoints=[tiny_checkpoints["bit-xor"], tiny_checkpoints["mnist"]], repo=repo_copy)
-    )
+    checkpoints = [tiny_checkpoints["bit-xor"], tiny_checkpoints["mnist"]]
+    result = export_task(ExportConfig(checkpoints=checkpoints, repo=repo_copy, validation_rows=16))  # as exported
     assert (backbone.read_bytes(), backbone.stat().st_mtime_ns) == before
     assert result.backbones_written == []
     assert not any(t.written for t in result.tasks.values())
