@@ -22,9 +22,10 @@ GAPS_MS = (0.0, 0.5, 1.0, 2.0, 3.0)
 
 
 def measure(repo: Path, task: str, threads: int | None, calls: int) -> dict:
-    from fpt_deploy.artifacts import open_repository
     from fpt_deploy.serving.runtimes.ort import OrtRuntime
     from fpt_deploy.serving.runtimes.sessions import physical_cores
+
+    from fpt_deploy.artifacts import open_repository
 
     r = open_repository(repo)
     art = r.task(task)
