@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, Path | None]
     if args.skip is not None:
         overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
     config = SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
+    if args.report_only is not None:
+        try:
+            saved = json.loads(args.report_only.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--report-only: cannot read {args.report_only} ({e}); pass the suite.json a run wrote")
+        if not isinstance(saved, dict) or "machine" not in saved:
+            p.error(f"--report-only: {args.report_only} is not a results file of python -m bench (no 'machine')")
     return config, args.report_only
 
 

@@ -144,3 +144,30 @@ def test_benchmarks_md_keeps_one_section_per_machine(tmp_path):
     assert text.count("<!-- machine: ") == 3
     assert "day 2" in text and text.count("Xeon (AVX-512), 2 cores -->") == 1
     assert "## Old EPYC (an earlier version of the suite)" in text  # the file from before, kept
+
+
+def test_report_only_rederives_the_report_from_a_saved_run(suite, tmp_path):
+    import shutil
+
+    from bench.__main__ import main
+
+    out, results = suite
+    saved = Path(shutil.copy(out / "results" / "suite_quick.json", tmp_path / "suite.json"))
+    md = tmp_path / "BENCHMARKS.md"
+    assert main(["--report-only", str(saved), "--markdown", str(md), "--out", str(tmp_path), "--no-plots"]) == 0
+    text = md.read_text()
+    assert "### Goals (issue 14: many tasks)" in text and results["machine"]["cpu"] in text
+    assert json.loads(saved.read_text())["summary"]["goals"] == results["summary"]["goals"]
+
+
+@pytest.mark.parametrize("content", [None, "[1]", "{not json"])
+def test_report_only_refuses_what_is_not_a_results_file(tmp_path, content, capsys):
+    from bench.__main__ import main
+
+    path = tmp_path / "suite.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        main(["--report-only", str(path)])
+    assert stop.value.code == 2
+    assert "--report-only" in capsys.readouterr().err
