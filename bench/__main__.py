@@ -24,7 +24,8 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, Path | None]:
+def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, tuple[Path, dict] | None]:
+    """The suite's settings, and with --report-only the saved run to report on (its path and results)."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter levels (~2 minutes)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON results and plots")
@@ -86,21 +87,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, Path | None]
     if args.skip is not None:
         overrides["skip"] = tuple(s for s in args.skip.split(",") if s)
     config = SuiteConfig.quick(**overrides) if args.quick else SuiteConfig(**overrides)
-    if args.report_only is not None:
-        try:
-            saved = json.loads(args.report_only.read_text())
-        except (OSError, ValueError) as e:
-            p.error(f"--report-only: cannot read {args.report_only} ({e}); pass the suite.json a run wrote")
-        if not isinstance(saved, dict) or "machine" not in saved:
-            p.error(f"--report-only: {args.report_only} is not a results file of python -m bench (no 'machine')")
-    return config, args.report_only
+    if args.report_only is None:
+        return config, None
+    try:
+        saved = json.loads(args.report_only.read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"--report-only: cannot read {args.report_only} ({e}); pass the suite.json a run wrote")
+    if not isinstance(saved, dict) or "machine" not in saved:
+        p.error(f"--report-only: {args.report_only} is not a results file of python -m bench (no 'machine')")
+    return config, (args.report_only, saved)
 
 
 def main(argv: list[str] | None = None) -> int:
     config, saved = parse_args(argv)
     if saved is not None:
-        results = json.loads(saved.read_text())
-        write_report(results, saved, config)
+        path, results = saved
+        write_report(results, path, config)
     else:
         results = run_suite(config)
     print(render_markdown(results))  # the console table; the files hold the same

@@ -44,7 +44,7 @@ def measure(repo: Path, task: str, threads: int | None, calls: int) -> dict:
             times = []
             for _ in range(calls):
                 if gap:
-                    time.sleep(gap / 1000)
+                    time.sleep(gap / 1000)  # the idle gap is what is measured: the core rests, as between requests
                 t0 = time.perf_counter()
                 runtime.run_backbone(hidden, mask, index)
                 times.append(time.perf_counter() - t0)
