@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, tuple[Path, 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter levels (~2 minutes)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON results and plots")
-    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="the table ('' to skip)")
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="the table ('' to skip)")
     p.add_argument("--work", type=Path, help="cache of built artifacts (default <out>/work)")
     p.add_argument("--repo", type=Path, help="deployment repository with an MNIST-shaped task (default: built)")
     p.add_argument("--task", help="task of --repo to serve (default: its mnist task)")
@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, tuple[Path, 
     p.add_argument("--skip", help=f"comma-separated sections to skip: {', '.join(SECTIONS)} (default: none)")
     p.add_argument(
         "--task-counts", type=_ints, help="tasks on one server in the many_tasks section, default 1,10,100,1000"
+    )
+    p.add_argument(
+        "--max-resident-tasks",
+        type=int,
+        help="the paged fp32 contender's --max-resident-tasks, run at the N above it (default 256)",
     )
     p.add_argument("--budget-s", type=float, help="time budget of the whole suite in seconds (default 840)")
     p.add_argument("--no-plots", action="store_true")
@@ -78,11 +83,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, tuple[Path, 
             "load_rounds",
             "threads",
             "task_counts",
+            "max_resident_tasks",
             "budget_s",
         )
         if getattr(args, k) is not None
     }
-    overrides["markdown"] = args.markdown if str(args.markdown) else None
+    overrides["markdown"] = Path(args.markdown) if args.markdown else None
     overrides["plots"] = not args.no_plots
     if args.skip is not None:
         overrides["skip"] = tuple(s for s in args.skip.split(",") if s)

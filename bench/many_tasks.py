@@ -6,11 +6,12 @@ requests spread over the tasks uniformly or by Zipf's law with s = 1.1 (a few ho
 tail), at concurrency 1, 8 and 32. For each contender and N: start-up time (process start to ready),
 rows/s, p50/p99, and resident memory after the levels.
 
-Contenders: the fpt-deploy server (fp32, int8 backbone) and the per-task baselines
-(``bench.baseline_server``: one whole model per task). A per-task server is started at N only while
-its memory and start-up time, projected linearly from the smaller N it was measured at, stay within
-``SuiteConfig.per_task_max_rss_gb`` and ``per_task_max_startup_s``; where it stops, the reason is
-recorded.
+Contenders: the fpt-deploy server (fp32, int8 backbone), the fp32 server with
+``--max-resident-tasks`` (``fpt-deploy fp32 paged``, at the N above that bound only: below it, it is
+the fp32 server), and the per-task baselines (``bench.baseline_server``: one whole model per task).
+A per-task server is started at N only while its memory and start-up time, projected linearly from
+the smaller N it was measured at, stay within ``SuiteConfig.per_task_max_rss_gb`` and
+``per_task_max_startup_s``; where it stops, the reason is recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bench.serve_load import ServerProcess, binary_request, load
 
 log = logging.getLogger("bench.tasks")
 TRAFFIC = ("uniform", "zipf")
+FPT_PAGED = "fpt-deploy fp32 paged"  # the fp32 server with --max-resident-tasks (SuiteConfig.max_resident_tasks)
 ZIPF_S = 1.1
 
 
@@ -167,6 +169,8 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
 
     # In order of what the goals need, so a spent time budget cuts the least telling measurements.
     contenders = {"fpt-deploy fp32": ("fpt", "fp32")}
+    if any(n > cfg.max_resident_tasks for n in counts):
+        contenders[FPT_PAGED] = ("fpt", "fp32")
     if prep.full_onnx:
         contenders[ORT_PER_TASK] = ("ort", prep.full_onnx)
     contenders |= {f"fpt-deploy {v}": ("fpt", v) for v in prep.variants if v != "fp32"}
@@ -178,6 +182,7 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
         "traffic": list(TRAFFIC),
         "zipf_s": ZIPF_S,
         "build_seconds": built_s,
+        "max_resident_tasks": cfg.max_resident_tasks,
         "contenders": {},
         "stopped": {},
     }
@@ -188,6 +193,8 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
                 root, names = repos[n]
                 why = None
                 projected = _projection(points, n) if kind != "fpt" else None
+                if name == FPT_PAGED and n <= cfg.max_resident_tasks:
+                    continue  # every task resident: the fp32 server's own measurement
                 if time.perf_counter() > deadline:
                     why = "time budget of the suite spent"
                 elif projected and projected[0] > cfg.per_task_max_rss_gb * 1024:
@@ -202,7 +209,8 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
                     break
                 log.info("== %s, N=%d", name, n)
                 if kind == "fpt":
-                    start = lambda root=root, v=source: fpt_server(root, v, cfg)  # noqa: E731
+                    resident = cfg.max_resident_tasks if name == FPT_PAGED else None
+                    start = lambda root=root, v=source, k=resident: fpt_server(root, v, cfg, k)  # noqa: E731
                 else:
                     start = lambda names=names, k=kind, s=source: baseline_server(k, dict.fromkeys(names, s), cfg)  # noqa: E731
                 extra = raw_ceiling if name == "fpt-deploy fp32" and n == counts[0] else None

@@ -95,6 +95,7 @@ class SuiteConfig:
     per_task_max_rss_gb: float = 12.0  # ... nor when their projected resident memory exceeds this
     per_task_max_startup_s: float = 180.0  # ... nor when their projected start-up takes longer
     baseline_full_levels_tasks: int = 10  # beyond this N, per-task servers run only uniform at the top c
+    max_resident_tasks: int = 256  # the paged fp32 contender's --max-resident-tasks (N above it only)
     budget_s: float = 14 * 60.0  # the whole suite; levels past it are skipped (and say so)
     reserve_s: float = 200.0  # kept for the sections after many_tasks (load, training)
     max_batch_size: int = 32
@@ -109,6 +110,10 @@ class SuiteConfig:
             raise ValueError(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
         if self.mix < 1:
             raise ValueError(f"mix must be >= 1 (got {self.mix})")
+        if self.max_resident_tasks < self.max_batch_size:
+            raise ValueError(
+                f"max_resident_tasks must be >= max_batch_size {self.max_batch_size} (got {self.max_resident_tasks})"
+            )
         self.out = Path(self.out)
         self.work = Path(self.work) if self.work else self.out / "work"
 
@@ -193,11 +198,13 @@ def machine_facts() -> dict:
 # ------------------------------------------------------------------------------------------------ servers
 
 
-def fpt_server(repo: Path, variant: str, cfg: SuiteConfig) -> ServerProcess:
+def fpt_server(repo: Path, variant: str, cfg: SuiteConfig, max_resident_tasks: int | None = None) -> ServerProcess:
     port = free_port()
     argv = ["-m", "fpt_deploy.cli", "-q", "serve", "--repo", str(repo), "--port", str(port)]
     argv += ["--backbone-variant", variant, "--max-batch-size", str(cfg.max_batch_size)]
     argv += ["--max-queue-delay-ms", str(cfg.max_queue_delay_ms)]
+    if max_resident_tasks is not None:
+        argv += ["--max-resident-tasks", str(max_resident_tasks)]
     if cfg.threads:
         argv += ["--threads", str(cfg.threads)]
     return ServerProcess(f"fpt-deploy {variant}", argv, port)

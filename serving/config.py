@@ -139,6 +139,14 @@ class ServeConfig(RuntimeConfig):
         default=5.0, metadata={"help": "Seconds between two reads of the manifest in poll mode."}
     )
     access_log: bool = field(default=False, metadata={"help": "Log one line per HTTP request."})
+    max_resident_tasks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep at most this many tasks' rows in memory (at least --max-batch-size): the least "
+            "recently used are dropped and read back from the repository on their next request. "
+            "Default: every task's rows stay in memory."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo)
@@ -148,6 +156,11 @@ class ServeConfig(RuntimeConfig):
         problems += self.limit_problems()
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             problems.append(f"grpc port must be within 0..65535 (got {self.grpc_port})")
+        if self.max_resident_tasks is not None and self.max_resident_tasks < self.max_batch_size:
+            problems.append(
+                f"max resident tasks must be >= max batch size {self.max_batch_size}, since one batch may hold "
+                f"that many tasks (got {self.max_resident_tasks})"
+            )
         if not self.poll_interval > 0:
             problems.append(f"poll interval must be > 0 seconds (got {self.poll_interval})")
         self.load_model = list(self.load_model)

@@ -1,6 +1,7 @@
 """Runs one mixed-task batch: input heads per head shape, one backbone call, output heads per shape.
 
-    requests ──► group by head shape ──► ONE input-head call a shape (every task of it; each row
+    requests ──► (with --max-resident-tasks: rows of evicted tasks read back, serving/model.py)
+             ──► group by head shape ──► ONE input-head call a shape (every task of it; each row
                                           gathers its task's weights by slot)
              ──► rows grouped by length, padded with the attention mask ──► ONE backbone call a group
              ──► rows back to their shape's output head (one call a shape) ──► sliced back to requests
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -104,8 +106,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class MixedBatchExecutor:
     """Executes batches of ``InferenceRequest`` (any mix of tasks) on one backbone runtime."""
 
-    def __init__(self, runtime: Runtime, pad_tolerance: float = 0.25, metrics=None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        pad_tolerance: float = 0.25,
+        metrics=None,
+        page_in: Callable[[list[LoadedTask]], int] | None = None,
+    ) -> None:
         self.runtime, self.pad_tolerance, self.metrics = runtime, pad_tolerance, metrics
+        self.page_in = page_in  # ServingModel.page_in: the batch's tasks' rows into memory first
 
     def __call__(self, batch: list[InferenceRequest]) -> None:
         """Deliver a result or an error to every request's future."""
@@ -137,6 +146,10 @@ class MixedBatchExecutor:
     def run(self, batch: list[InferenceRequest]) -> list[InferenceResult]:
         """Results in the order of ``batch``; raises on any failure (``__call__`` isolates it)."""
         t0 = time.perf_counter()
+        if self.page_in is not None and (paged := self.page_in([r.task for r in batch])):
+            if self.metrics is not None:
+                self.metrics.page_ins.inc(paged)
+            t0 = self._timed("page_in", t0)
         by_shape: dict[int, list[InferenceRequest]] = {}
         for request in batch:
             by_shape.setdefault(id(request.task.heads), []).append(request)

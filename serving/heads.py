@@ -68,8 +68,8 @@ class RowTables:
             grown[name] = new
         self._arrays = grown  # one assignment: readers see the old tables or the new ones
 
-    def add(self, rows: dict[str, np.ndarray], what: str) -> int:
-        """Write one task's ``rows`` into a free slot and return the slot."""
+    def check(self, rows: dict[str, np.ndarray], what: str) -> None:
+        """``ArtifactError`` unless ``rows`` are one row of every table, each of its shape."""
         if set(rows) != set(self.row_shapes):
             raise ArtifactError(f"{what} has rows {sorted(rows)}; its head graphs take {sorted(self.row_shapes)}")
         for name, row in rows.items():
@@ -77,6 +77,10 @@ class RowTables:
                 raise ArtifactError(
                     f"{what}: row {name!r} has shape {tuple(row.shape)}, its head graphs take {self.row_shapes[name]}"
                 )
+
+    def add(self, rows: dict[str, np.ndarray], what: str) -> int:
+        """Write one task's ``rows`` into a free slot and return the slot."""
+        self.check(rows, what)
         with self._lock:
             if self._free:
                 slot = self._free.pop()
@@ -127,6 +131,9 @@ class SharedHeads:
     def tasks(self) -> int:
         return self.tables.count
 
+    def check_rows(self, rows: dict[str, np.ndarray], what: str) -> None:
+        self.tables.check(rows, what)
+
     def add(self, rows: dict[str, np.ndarray], what: str) -> int:
         return self.tables.add(rows, what)
 
@@ -158,6 +165,9 @@ class OwnHeads:
         self.key = key
         self.input_session = create_head_session(input_path)
         self.output_session = create_head_session(output_path)
+
+    def check_rows(self, rows: dict[str, np.ndarray], what: str) -> None:
+        """Nothing to check: the weights are inside the task's own graphs."""
 
     def add(self, rows: dict[str, np.ndarray], what: str) -> int:
         return 0

@@ -153,6 +153,12 @@ class ServingMetrics:
         self.padded_tokens = Counter("fpt_backbone_padded_tokens", "Padding tokens the backbone computed", registry=r)
         self.real_tokens = Counter("fpt_backbone_real_tokens", "Real tokens the backbone computed", registry=r)
         self.queue_depth = Gauge("fpt_queue_depth", "Requests waiting in the batcher's queue", registry=r)
+        self.page_ins = Counter(
+            "fpt_task_page_ins",
+            "Tasks whose rows were read back from the repository (--max-resident-tasks)",
+            registry=r,
+        )
+        self.resident_tasks = Gauge("fpt_resident_tasks", "Tasks whose rows are in memory", registry=r)
 
     # -- what the statistics endpoints read ---------------------------------------------------------
 

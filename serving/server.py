@@ -155,9 +155,12 @@ class ServerState:
 
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
-        model = ServingModel(config, extensions.startup_tasks(config))  # explicit mode: --load-model's only
+        model = ServingModel(  # explicit mode: --load-model's only
+            config, extensions.startup_tasks(config), max_resident_tasks=config.max_resident_tasks
+        )
         metrics = ServingMetrics()
-        executor = MixedBatchExecutor(model.runtime, config.pad_tolerance, metrics)
+        metrics.resident_tasks.set_function(lambda: model.resident_tasks)
+        executor = MixedBatchExecutor(model.runtime, config.pad_tolerance, metrics, page_in=model.page_in)
         batcher = DynamicBatcher(
             executor,
             config.max_batch_size,

@@ -34,7 +34,8 @@ def suite(tiny_checkpoints, tmp_path_factory):
         train_batch=8,
         train_timed_steps=1,
         max_batch_size=4,
-        task_counts=(1, 3),
+        task_counts=(1, 3, 6),
+        max_resident_tasks=4,  # the paged fp32 server runs at N=6 only
         tasks_level_seconds=0.3,
         tasks_requests_cycled=16,
         per_task_max_tasks=3,
@@ -105,17 +106,22 @@ def test_markdown_and_plots(suite):
 def test_many_tasks_levels_for_every_contender(suite):
     _, results = suite
     many = results["many_tasks"]
-    assert set(many["contenders"]) == {"fpt-deploy fp32", "fpt-deploy int8", "torch per task", "ort per task"}
-    for points in many["contenders"].values():
-        assert [p["tasks"] for p in points] == [1, 3]
+    fpt = {"fpt-deploy fp32", "fpt-deploy int8"}
+    assert set(many["contenders"]) == fpt | {"fpt-deploy fp32 paged", "torch per task", "ort per task"}
+    for name, points in many["contenders"].items():
+        want = [6] if name == "fpt-deploy fp32 paged" else [1, 3, 6] if name in fpt else [1, 3]
+        assert [p["tasks"] for p in points] == want, name
         for p in points:
             assert p["startup_s"] > 0 and p["rss_mb"] > 0
             assert {(lv["traffic"], lv["concurrency"]) for lv in p["levels"]} == {
                 (t, c) for t in ("uniform", "zipf") for c in (1, 4)
             }
             assert all(lv["errors"] == 0 and lv["requests"] > 0 for lv in p["levels"])
-    goals = {g["goal"] for g in results["summary"]["many_task_goals"]}
+    assert many["stopped"]["ort per task"]["at_tasks"] == 6  # per_task_max_tasks=3: stopped, with the reason
+    goals = {g["goal"]: g for g in results["summary"]["many_task_goals"]}
     assert "c=1: fp32 / raw backbone at batch 1" in goals
+    memory = goals["6 tasks loaded: RSS / 1 task"]  # measured on the paged server, every-resident beside it
+    assert memory["value"] > 0 and "rows of 4 tasks in memory" in memory["note"]
 
 
 def test_zipf_traffic_has_hot_tasks_and_a_tail():
@@ -171,3 +177,15 @@ def test_report_only_refuses_what_is_not_a_results_file(tmp_path, content, capsy
         main(["--report-only", str(path)])
     assert stop.value.code == 2
     assert "--report-only" in capsys.readouterr().err
+
+
+def test_an_empty_markdown_option_writes_no_table(suite, tmp_path, monkeypatch):
+    import shutil
+
+    from bench.__main__ import main
+
+    out, _ = suite
+    saved = Path(shutil.copy(out / "results" / "suite_quick.json", tmp_path / "suite.json"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--report-only", str(saved), "--markdown", "", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert not list(tmp_path.glob("*.md"))

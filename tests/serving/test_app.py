@@ -60,3 +60,41 @@ def test_not_ready_once_closing(gated_app):
     assert client.get("/v2/health/live").status_code == 200
     answer = client.post("/v2/models/vec/infer", content=body(np.ones((1, 4, 3), np.float32)))
     assert answer.status_code == 503 and "shutting down" in answer.json()["error"]
+
+
+def test_max_resident_tasks_pages_rows_in_and_metrics_show_it(synthetic_repo, make_inputs):
+    """One task's rows in memory at a time: every other request reads its task's rows back, same answers."""
+    import re
+
+    from fastapi.testclient import TestClient
+    from fpt_deploy.serving.server import ServerState, create_app
+
+    from tests.serving.conftest import SYNTHETIC_TASKS
+
+    rng = np.random.default_rng(5)
+    names = sorted(SYNTHETIC_TASKS)
+    inputs = {n: make_inputs(n, 1, rng) for n in names}
+
+    def infer(client, name):
+        x = inputs[name]
+        datatype = "FP32" if x.dtype == np.float32 else "INT64"
+        doc = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        answer = client.post(f"/v2/models/{name}/infer", json=doc)
+        assert answer.status_code == 200, answer.text
+        return np.array(answer.json()["outputs"][0]["data"])
+
+    answers = {}
+    for resident in (None, 1):
+        config = ServeConfig(repo=synthetic_repo, threads=1, max_batch_size=1, max_resident_tasks=resident)
+        state = ServerState.load(config)
+        with TestClient(create_app(state)) as client:
+            answers[resident] = [infer(client, n) for n in names * 2]
+            metrics = client.get("/metrics").text
+        state.close(5)
+        if resident == 1:
+            assert state.model.resident_tasks == 1
+            page_ins = float(re.search(r"^fpt_task_page_ins_total (\S+)$", metrics, re.M).group(1))
+            assert page_ins == 2 * len(names) - 1  # every request but the first task's first found rows missing
+            assert re.search(r"^fpt_resident_tasks 1\.0$", metrics, re.M)
+    for paged, every in zip(answers[1], answers[None], strict=True):
+        np.testing.assert_allclose(paged, every, atol=1e-6)

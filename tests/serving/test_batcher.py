@@ -196,6 +196,7 @@ def test_removing_a_task_drains_its_requests_and_frees_its_rows(synthetic_repo, 
     rng = np.random.default_rng(8)
     try:
         vec = model.task("vec")
+        row = vec.index
         pending = [batcher.submit(vec, make_inputs("vec", 1, rng)) for _ in range(3)]
         assert vec.pending == 3
         remover = threading.Thread(target=model.remove_task, args=("vec",))
@@ -209,11 +210,11 @@ def test_removing_a_task_drains_its_requests_and_frees_its_rows(synthetic_repo, 
         release.set()
         remover.join(10)
         assert all(f.result(timeout=1).logits.shape == (1, 3) for f in pending)  # every queued one answered
-        assert "vec" not in model.tasks and vec.pending == 0
+        assert "vec" not in model.tasks and vec.pending == 0 and not vec.resident
         with pytest.raises(UnknownNameError):
             model.task("vec")
         again = model.add_task("vec")  # the same single loading path as start-up
-        assert again.index == vec.index  # its freed norm row is reused
+        assert again.index == row  # its freed norm row is reused
         raw = make_inputs("vec", 2, rng)
         np.testing.assert_allclose(
             batcher.submit(again, raw).result(timeout=10).logits, reference(model, "vec", raw), atol=1e-5

@@ -89,3 +89,101 @@ def test_a_format_1_repository_is_served_with_each_tasks_own_heads(synthetic_rep
     finally:
         old.close()
         new.close()
+
+
+def _serve_one_row_each(model, names, raw, max_batch_size=8):
+    """Logits of ``raw[i]`` for ``names[i]``, through a batcher whose executor pages rows in."""
+    batcher = DynamicBatcher(
+        MixedBatchExecutor(model.runtime, page_in=model.page_in), max_batch_size=max_batch_size, max_queue_delay_ms=5
+    )
+    try:
+        futures = [batcher.submit(model.task(n), raw[i : i + 1]) for i, n in enumerate(names)]
+        return [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close(10)
+
+
+def test_with_max_resident_tasks_rows_are_paged_in_and_answers_do_not_change(thousand_tasks):
+    """1,000 tasks loaded, rows of 16 in memory: tasks beyond them are read back on use, least recent out."""
+    rng = np.random.default_rng(3)
+    sample = ["mnist", *(f"m{k:04d}" for k in rng.choice(np.arange(1, TASKS), 47, replace=False))]
+    names = sample + sample[::-1]  # every task twice: the second time most were evicted in between
+    raw = rng.integers(0, 256, (len(names), 28, 28)).astype(np.uint8)
+    config = RuntimeConfig(repo=thousand_tasks, threads=1)
+    reference = ServingModel(config, tasks=sample)  # every sampled task resident
+    paged = ServingModel(config, max_resident_tasks=16)
+    try:
+        assert len(paged.tasks) == TASKS + 1 and paged.resident_tasks == 16
+        assert paged.runtime.num_tasks <= 16  # the norm tables hold 16 rows, not 1,001
+        assert paged.heads[paged.tasks["mnist"].heads.key].tables.capacity <= 16
+        expected = [r.logits for r in _serve_one_row_each(reference, names, raw)]
+        got = _serve_one_row_each(paged, names, raw)
+        for e, g in zip(expected, got, strict=True):
+            np.testing.assert_allclose(g.logits, e, atol=1e-5)
+        assert paged.resident_tasks == 16
+        assert sum(t.resident for t in paged.tasks.values()) == 16
+        assert len({t.slot for t in paged.tasks.values() if t.resident}) == 16  # no slot shared
+    finally:
+        reference.close()
+        paged.close()
+
+
+def test_a_paged_task_serves_the_rows_it_was_loaded_with_and_a_failed_read_fails_only_its_requests(
+    thousand_tasks, tmp_path, monkeypatch
+):
+    root = Path(shutil.copytree(thousand_tasks, tmp_path / "repo"))
+    model = ServingModel(RuntimeConfig(repo=root, threads=1), max_resident_tasks=8)
+    try:
+        cold, broken = "m0900", "m0901"
+        raw = np.random.default_rng(4).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+        before = ServingModel(RuntimeConfig(repo=root, threads=1), tasks=[cold])
+        try:
+            expected = _serve_one_row_each(before, [cold], raw)[0].logits
+        finally:
+            before.close()
+        assert not model.tasks[cold].resident
+        art = model.repository.tasks[cold]
+        for kind in ("heads", "norms"):  # the repository changes: the loaded version keeps serving
+            (root / art.files[kind]).unlink()
+        np.testing.assert_allclose(_serve_one_row_each(model, [cold], raw)[0].logits, expected, atol=1e-5)
+        assert model.tasks[cold].resident
+
+        spill_get = model._spill.get
+
+        def failing_get(name):
+            if name == broken:
+                raise OSError("disk gone")
+            return spill_get(name)
+
+        monkeypatch.setattr(model._spill, "get", failing_get)
+        batcher = DynamicBatcher(
+            MixedBatchExecutor(model.runtime, page_in=model.page_in), max_batch_size=8, max_queue_delay_ms=50
+        )
+        try:
+            futures = [batcher.submit(model.task(n), raw[i : i + 1]) for i, n in enumerate(["mnist", broken, "m0001"])]
+            assert futures[0].result(timeout=30).logits.shape == (1, 10)
+            assert futures[2].result(timeout=30).logits.shape == (1, 10)
+            with pytest.raises(OSError, match="disk gone"):
+                futures[1].result(timeout=30)
+        finally:
+            batcher.close(10)
+        assert not model.tasks[broken].resident and model.resident_tasks <= 8
+
+        model.remove_task(broken)  # a task that holds no rows unloads like any other
+        assert broken not in model.tasks
+        model.remove_task("mnist")
+        assert "mnist" not in model.tasks and model.resident_tasks <= 8
+        model.add_task("mnist")  # loaded again while the resident rows are full: read on its next batch
+        assert _serve_one_row_each(model, ["mnist"], raw)[0].logits.shape == (1, 10)
+        assert model.tasks["mnist"].resident
+    finally:
+        model.close()
+
+
+def test_max_resident_tasks_below_the_batch_size_is_refused(thousand_tasks):
+    from fpt_deploy.serving import ServeConfig
+
+    from fpt_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max resident tasks must be >= max batch size 32"):
+        ServeConfig(repo=thousand_tasks, max_resident_tasks=8)
