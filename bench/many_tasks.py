@@ -17,8 +17,10 @@ the smaller N it was measured at, stay within ``SuiteConfig.per_task_max_rss_gb`
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +91,41 @@ def _bodies(names: list[str], kind: str, rows: np.ndarray, count: int, seed: int
     ]
 
 
+_STAGE = re.compile(r'^fpt_(compute|queue)_seconds_(sum|count)(?:\{stage="(\w+)"\})? (\S+)$', re.M)
+
+
+def server_stages(port: int) -> dict[str, list[float]]:
+    """The server's cumulative time by stage (``/metrics``): stage -> [seconds, count]; {} without one."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    totals: dict[str, list[float]] = {}
+    for kind, field, stage, value in _STAGE.findall(text):
+        totals.setdefault(stage or kind, [0.0, 0.0])[field == "count"] = float(value)
+    return totals
+
+
+def _stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms of each stage between two ``server_stages`` readings (a batch's, or a request's queue)."""
+    means = {}
+    for stage, (seconds, count) in after.items():
+        s0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = 1000 * (seconds - s0) / (count - c0)
+    return means
+
+
 def _measure_server(
-    start, names: list[str], rows: np.ndarray, cfg, deadline: float, levels: list[tuple[str, int]], extra_level=None
+    start,
+    names: list[str],
+    rows: np.ndarray,
+    cfg,
+    deadline: float,
+    levels: list[tuple[str, int]],
+    extra_level=None,
+    stages: bool = False,
 ) -> dict:
     """Start a server (``start()`` -> ServerProcess), time its start-up, run ``levels``, take its RSS."""
     t0 = time.perf_counter()
@@ -108,8 +143,11 @@ def _measure_server(
             if time.perf_counter() > deadline:
                 measured.append({"traffic": kind, "concurrency": c, "skipped": "time budget"})
                 continue
+            before = server_stages(server.port) if stages else {}
             level = load(server.port, bodies[kind], c, cfg.level_requests, cfg.tasks_level_seconds)
             level["traffic"] = kind
+            if stages:  # where a request's time went in the server: queue, heads, body (mean ms)
+                level["server_ms"] = _stage_means(before, server_stages(server.port))
             if extra_level is not None:
                 level |= extra_level(kind, c)
             measured.append(level)
@@ -126,6 +164,29 @@ def _measure_server(
     finally:
         server.stop()
     return {"startup_s": startup, "rss_mb": rss, "warm_errors": warm["errors"], "levels": measured}
+
+
+def _interleaved(starts: dict, bodies: dict, concurrency: int, rounds: int, seconds: float, requests: int) -> dict:
+    """Servers started together, their levels alternated round by round: a busy minute hits each alike.
+
+    ``starts`` maps a label to a ``start()``, ``bodies`` the label to its requests. Returns each label's
+    rows/s per round and their median.
+    """
+    servers = {}
+    try:
+        for label, start in starts.items():
+            servers[label] = start()
+        for label, server in servers.items():
+            server.wait_ready()
+            load(server.port, bodies[label], concurrency, max_requests=4 * concurrency, max_seconds=10)  # warm-up
+        rates: dict[str, list[float]] = {label: [] for label in servers}
+        for _ in range(rounds):
+            for label, server in servers.items():
+                rates[label].append(load(server.port, bodies[label], concurrency, requests, seconds)["rows_per_s"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {label: {"rows_per_s": r, "median": float(np.median(r))} for label, r in rates.items()}
 
 
 def _projection(points: list[dict], n: int) -> tuple[float, float] | None:
@@ -215,11 +276,36 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
                     start = lambda names=names, k=kind, s=source: baseline_server(k, dict.fromkeys(names, s), cfg)  # noqa: E731
                 extra = raw_ceiling if name == "fpt-deploy fp32" and n == counts[0] else None
                 levels = every_level if kind == "fpt" or n <= cfg.baseline_full_levels_tasks else goal_level
-                point = _measure_server(start, names, prep.rows, cfg, deadline, levels, extra)
+                point = _measure_server(start, names, prep.rows, cfg, deadline, levels, extra, stages=kind == "fpt")
                 point["tasks"] = n
                 points.append(point)
                 log.info("%s N=%d: start-up %.1f s, RSS %.0f MB", name, n, point["startup_s"], point["rss_mb"])
             out["contenders"][name] = points
+        mid = 100 if 100 in counts else counts[-1]
+        if cfg.goal_rounds and mid != counts[0] and time.perf_counter() < deadline:
+            # The goal "N tasks vs one task" divides two cells measured minutes apart; measured again here,
+            # both servers up, their levels alternated, so a noisy neighbour weighs on both.
+            c = max(cfg.concurrency)
+            pair = {n: repos[n] for n in (counts[0], mid)}
+            log.info("== fpt-deploy fp32, N=%d and N=%d interleaved, uniform c=%d", counts[0], mid, c)
+            out["interleaved"] = {
+                "concurrency": c,
+                "rounds": cfg.goal_rounds,
+                "seconds": cfg.tasks_level_seconds,
+                "servers": _interleaved(
+                    {n: (lambda root=root: fpt_server(root, "fp32", cfg)) for n, (root, _) in pair.items()},
+                    {
+                        n: _bodies(names, "uniform", prep.rows, cfg.tasks_requests_cycled, 0)
+                        for n, (_, names) in pair.items()
+                    },
+                    c,
+                    cfg.goal_rounds,
+                    cfg.tasks_level_seconds,
+                    cfg.level_requests,
+                ),
+            }
+            for n, figures in out["interleaved"]["servers"].items():
+                log.info("  N=%d: %s rows/s", n, ", ".join(f"{r:.1f}" for r in figures["rows_per_s"]))
     finally:
         runtime.close()
         shutil.rmtree(scratch / "task-levels", ignore_errors=True)

@@ -96,6 +96,7 @@ class SuiteConfig:
     per_task_max_startup_s: float = 180.0  # ... nor when their projected start-up takes longer
     baseline_full_levels_tasks: int = 10  # beyond this N, per-task servers run only uniform at the top c
     max_resident_tasks: int = 256  # the paged fp32 contender's --max-resident-tasks (N above it only)
+    goal_rounds: int = 3  # fp32 at N=1 and N=100 measured again, alternated, for the goal comparing them
     budget_s: float = 14 * 60.0  # the whole suite; levels past it are skipped (and say so)
     reserve_s: float = 200.0  # kept for the sections after many_tasks (load, training)
     max_batch_size: int = 32

@@ -120,6 +120,11 @@ def test_many_tasks_levels_for_every_contender(suite):
     assert many["stopped"]["ort per task"]["at_tasks"] == 6  # per_task_max_tasks=3: stopped, with the reason
     goals = {g["goal"]: g for g in results["summary"]["many_task_goals"]}
     assert "c=1: fp32 / raw backbone at batch 1" in goals
+    c1 = next(lv for lv in many["contenders"]["fpt-deploy fp32"][0]["levels"] if lv["concurrency"] == 1)
+    assert c1["server_ms"]["backbone"] > 0 and c1["server_ms"]["queue"] >= 0  # read from the server's /metrics
+    pair = many["interleaved"]["servers"]  # N=1 and the middle N, measured again, levels alternated
+    assert set(pair) == {1, 6} and all(len(p["rows_per_s"]) == 3 and p["median"] > 0 for p in pair.values())
+    assert "alternated rounds" in goals["6 tasks, uniform, c=4: fp32 / its own 1-task throughput"]["note"]
     memory = goals["6 tasks loaded: RSS / 1 task"]  # measured on the paged server, every-resident beside it
     assert memory["value"] > 0 and "rows of 4 tasks in memory" in memory["note"]
 
