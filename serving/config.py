@@ -143,7 +143,7 @@ class ServeConfig(RuntimeConfig):
         default=None,
         metadata={
             "help": "Keep at most this many tasks' rows in memory (at least --max-batch-size): the least "
-            "recently used are dropped and read back from the repository on their next request. "
+            "recently used wait in a file on disk and are read back before their next batch. "
             "Default: every task's rows stay in memory."
         },
     )

@@ -150,6 +150,12 @@ class MixedBatchExecutor:
             if self.metrics is not None:
                 self.metrics.page_ins.inc(paged)
             t0 = self._timed("page_in", t0)
+        cold = sorted({r.task.name for r in batch if not r.task.resident})
+        if cold:  # slot -1 would gather another task's rows: refuse rather than answer wrongly
+            raise RuntimeError(
+                f"rows of {', '.join(cold)} are not in memory; a server with --max-resident-tasks needs "
+                "MixedBatchExecutor(..., page_in=model.page_in)"
+            )
         by_shape: dict[int, list[InferenceRequest]] = {}
         for request in batch:
             by_shape.setdefault(id(request.task.heads), []).append(request)

@@ -28,7 +28,7 @@ class RowSpill:
 
     def __init__(self, directory: Path | None = None) -> None:
         self._file, self.folder = _temporary_file(directory)
-        self._records: dict[str, tuple[int, list[tuple[str, tuple[int, ...]]]]] = {}  # offset, layout
+        self._records: dict[str, tuple[int, int, list[tuple[str, tuple[int, ...]]]]] = {}  # offset, size, layout
         self._free: dict[int, list[int]] = {}  # record size -> offsets of dropped records
         self._end = 0
         self._lock = threading.Lock()
@@ -58,13 +58,12 @@ class RowSpill:
                 ) from e
             if written != len(data):
                 raise ArtifactError(f"short write of task {name!r}'s rows to {self.path}; free disk space there")
-            self._records[name] = (offset, layout)
+            self._records[name] = (offset, len(data), layout)
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         """``name``'s rows as ``put`` stored them (read-only arrays over one read)."""
         with self._lock:
-            offset, layout = self._records[name]
-        size = sum(4 * int(np.prod(shape)) for _, shape in layout)
+            offset, size, layout = self._records[name]
         data = os.pread(self._file.fileno(), size, offset)
         if len(data) != size:
             raise ArtifactError(f"{self.path} returned {len(data)} of task {name!r}'s {size} bytes")
@@ -82,8 +81,8 @@ class RowSpill:
     def _drop(self, name: str) -> None:
         record = self._records.pop(name, None)
         if record is not None:
-            offset, layout = record
-            self._free.setdefault(sum(4 * int(np.prod(s)) for _, s in layout), []).append(offset)
+            offset, size, _ = record
+            self._free.setdefault(size, []).append(offset)
 
     def close(self) -> None:
         self._file.close()

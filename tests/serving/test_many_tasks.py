@@ -180,6 +180,23 @@ def test_a_paged_task_serves_the_rows_it_was_loaded_with_and_a_failed_read_fails
         model.close()
 
 
+def test_an_executor_that_cannot_page_in_refuses_a_task_without_rows(thousand_tasks):
+    """Slot -1 would gather another task's rows: the request fails with what to do instead."""
+    model = ServingModel(RuntimeConfig(repo=thousand_tasks, threads=1), max_resident_tasks=8)
+    batcher = DynamicBatcher(MixedBatchExecutor(model.runtime), max_batch_size=8, max_queue_delay_ms=50)
+    try:
+        raw = np.zeros((2, 28, 28), np.uint8)
+        warm, cold = "m0001", "m0900"  # loaded in name order: the first 8 hold rows
+        assert model.tasks[warm].resident and not model.tasks[cold].resident
+        futures = [batcher.submit(model.task(n), raw[i : i + 1]) for i, n in enumerate([warm, cold])]
+        assert futures[0].result(timeout=30).logits.shape == (1, 10)
+        with pytest.raises(RuntimeError, match=r"rows of m0900 are not in memory; .*page_in=model.page_in"):
+            futures[1].result(timeout=30)
+    finally:
+        batcher.close(10)
+        model.close()
+
+
 def test_max_resident_tasks_below_the_batch_size_is_refused(thousand_tasks):
     from fpt_deploy.serving import ServeConfig
 
