@@ -204,8 +204,11 @@ class Repository:
     backbones: dict[str, BackboneArtifact] = field(default_factory=dict)  # by fingerprint
     tasks: dict[str, TaskArtifact] = field(default_factory=dict)  # by name
     heads: dict[str, HeadsArtifact] = field(default_factory=dict)  # shared head graphs by key
+    unreadable: dict[str, str] = field(default_factory=dict)  # listed tasks whose task file was refused: why
 
     def task(self, name: str) -> TaskArtifact:
+        if name in self.unreadable:
+            raise ArtifactError(self.unreadable[name])
         if name not in self.tasks:
             raise UnknownNameError(f"task {name!r} is not in {self.root}; it has {', '.join(sorted(self.tasks))}")
         return self.tasks[name]
@@ -263,11 +266,13 @@ class Repository:
         write_json(self.root / MANIFEST, self.to_manifest())
 
 
-def open_repository(root: str | Path, *, create: bool = False) -> Repository:
+def open_repository(root: str | Path, *, create: bool = False, skip_unreadable: bool = False) -> Repository:
     """Read and check ``root/manifest.json`` and every task file it lists.
 
     File checksums are verified when a file is loaded (``BackboneArtifact.path``, ``verify_file``).
-    With ``create``, a missing repository is returned empty (for exporters).
+    With ``create``, a missing repository is returned empty (for exporters). With ``skip_unreadable``
+    (a server), a task file that cannot be read is that task's problem, not the repository's: it is
+    left out of ``tasks`` and its error kept in ``unreadable``.
     """
     root = Path(root)
     if not (root / MANIFEST).is_file():
@@ -283,13 +288,18 @@ def open_repository(root: str | Path, *, create: bool = False) -> Repository:
     try:
         backbones = {fp: BackboneArtifact(fingerprint=fp, **b) for fp, b in manifest["backbones"].items()}
         heads = {key: HeadsArtifact(key=key, **h) for key, h in manifest.get("heads", {}).items()}  # /1: none
-        tasks = {}
+        tasks, unreadable = {}, {}
         for name, entry in manifest["tasks"].items():
             where = root / entry["file"]
-            tasks[name] = TaskArtifact.from_json(read_json(where, "task file"), where)
+            try:
+                tasks[name] = TaskArtifact.from_json(read_json(where, "task file"), where)
+            except ArtifactError as e:
+                if not skip_unreadable:
+                    raise
+                unreadable[name] = f"task {name!r}: {e}"
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{root / MANIFEST} is malformed ({e}); re-run `fpt-deploy export`") from e
-    return Repository(root=root, backbones=backbones, tasks=tasks, heads=heads)
+    return Repository(root=root, backbones=backbones, tasks=tasks, heads=heads, unreadable=unreadable)
 
 
 @contextmanager

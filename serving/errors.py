@@ -39,3 +39,9 @@ class ServerBusyError(FptDeployError, RuntimeError):
     """The server already holds as many request bytes as it may buffer; the client should retry later: 503."""
 
     status = 503
+
+
+class UnloadTimeoutError(FptDeployError, TimeoutError):
+    """An unload whose task still had requests when its timeout passed; the task keeps serving: 503."""
+
+    status = 503

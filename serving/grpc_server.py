@@ -199,17 +199,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryModelLoad(self, request, context):
         try:
-            self.control.load(request.model_name)
+            self.control.load(request.model_name, _repository_parameters(request))
         except Exception as e:  # noqa: BLE001
             self._abort(context, e, "load")
         return service_pb2.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request, context):
         try:
-            self.control.unload(request.model_name)
+            self.control.unload(request.model_name, _repository_parameters(request))
         except Exception as e:  # noqa: BLE001
             self._abort(context, e, "unload")
         return service_pb2.RepositoryModelUnloadResponse()
+
+
+def _repository_parameters(request) -> dict:
+    """A load or unload request's ``ModelRepositoryParameter`` map as plain values (checked by the control)."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in request.parameters.items()}
 
 
 def start_grpc_server(state, control, host: str, port: int, *, max_message_bytes: int = 64 << 20, workers: int = 32):

@@ -44,7 +44,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fpt_deploy.serving import extensions
+from fpt_deploy.serving import extensions, repository
 from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import ServeConfig
 from fpt_deploy.serving.errors import (
@@ -156,7 +156,7 @@ class ServerState:
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
         model = ServingModel(  # explicit mode: --load-model's only
-            config, extensions.startup_tasks(config), max_resident_tasks=config.max_resident_tasks
+            config, repository.startup_tasks(config), max_resident_tasks=config.max_resident_tasks
         )
         metrics = ServingMetrics()
         metrics.resident_tasks.set_function(lambda: model.resident_tasks)
@@ -429,7 +429,7 @@ def serve(config: ServeConfig) -> None:
     grpc = None
     if config.grpc_port is not None:  # the same state: one batcher, one repository control
         grpc, _ = start_grpc_server(
-            state, extensions.control_of(state), config.host, config.grpc_port, max_message_bytes=config.max_body_bytes
+            state, repository.control_of(state), config.host, config.grpc_port, max_message_bytes=config.max_body_bytes
         )
     log.info(
         "serving %d model(s) (%s) on http://%s:%d with %s",

@@ -27,8 +27,8 @@ class LiveServer:
 def live_server(config, timeout: float = 30.0):
     """Serve ``config`` (a ``ServeConfig``) over HTTP and gRPC until the block ends, then drain and stop."""
     import uvicorn
-    from fpt_deploy.serving.extensions import control_of
     from fpt_deploy.serving.grpc_server import start_grpc_server
+    from fpt_deploy.serving.repository import control_of
     from fpt_deploy.serving.server import ServerState, create_app
 
     state = ServerState.load(config)

@@ -142,7 +142,7 @@ def test_load_model_star_must_be_the_only_one(repo):
 @pytest.mark.parametrize("mode", ["none", "poll"])
 def test_load_model_outside_explicit_mode_is_ignored_with_a_warning(repo, mode, caplog):
     root, _ = repo
-    with caplog.at_level("WARNING", logger="fpt_deploy.serving.extensions"):
+    with caplog.at_level("WARNING", logger="fpt_deploy.serving.repository"):
         client, state = client_for(root, mode, load_model=["vec"])
     with client:
         assert set(state.model.tasks) == {"tok", "vec"}  # every task, as Triton loads in these modes
