@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral
 from typing import Any
 
 from fpt_deploy.errors import ConfigError, collect
@@ -34,7 +35,10 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         # JSON gives lists; the spec holds tuples so that two equal specs compare equal.
-        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        shape = self.input_shape
+        if isinstance(shape, str | bytes) or not all(isinstance(s, Integral) for s in shape):
+            raise ConfigError(f"task {self.name!r}: input_shape must be a list of integers, got {shape!r}")
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in shape))
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         object.__setattr__(self, "options", dict(self.options))
         problems = []
