@@ -115,7 +115,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=bool(self.state.ready))
 
     def ModelReady(self, request, context):
-        ready = self.state.ready and request.name in self.state.model.tasks and request.version in ("", MODEL_VERSION)
+        ready = self.state.ready and self.state.model.is_ready(request.name) and request.version in ("", MODEL_VERSION)
         return service_pb2.ModelReadyResponse(ready=bool(ready))
 
     def ServerMetadata(self, request, context):

@@ -529,6 +529,10 @@ class ServingModel:
 
     # -------------------------------------------------------------------------------------- access
 
+    def is_ready(self, name: str) -> bool:
+        task = self.tasks.get(name)
+        return task is not None and task.state is TaskState.READY
+
     def task(self, name: str) -> LoadedTask:
         """The READY task ``name``; ``UnknownNameError`` for any other (a 404 that says why)."""
         task = self.tasks.get(name)
