@@ -3,8 +3,8 @@
 ``ServingModel`` writes a task's rows (norms and heads) here once, when it loads the task. When the
 task's rows have been evicted, its next batch reads them back from here: one ``pread`` of a fixed-size
 record. The repository's ``.npz`` files are never parsed again. So a task keeps serving the version it
-was loaded with, whatever later happens to the repository's files (an unload and load picks up a new
-export), and a miss costs a read of about 150 KB rather than opening two archives.
+was loaded with, whatever later happens to the repository's files (a load after a new export reloads
+it), and a miss costs one read of the task's rows rather than opening two archives.
 
 The file is unlinked as soon as it is made, so nothing is left behind, even after a crash. Its pages
 live in the kernel's page cache, which the kernel reclaims under memory pressure; they are not part of

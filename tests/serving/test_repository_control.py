@@ -133,6 +133,11 @@ def test_a_broken_task_file_is_that_tasks_400_and_every_other_task_still_loads(r
             LATE: "READY",
             BAD: "UNAVAILABLE",
         }
+        doc = read_json(root / task_dir("vec") / "task.json", "task file")
+        doc["input"]["shape"] = "ab"
+        list_task(root, doc)  # a served task's file breaks: the load is refused, the loaded version serves on
+        assert client.post("/v2/repository/models/vec/load").status_code == 400
+        assert infer(client, "vec").status_code == 200 and index_of(client)["vec"] == ("READY", "")
 
 
 @pytest.mark.parametrize("part", ["input", "spec"])
@@ -177,6 +182,24 @@ def test_a_changed_task_file_is_reloaded_and_an_unchanged_one_is_not(repo):
         )
         top = client.post("/v2/models/vec/infer", content=body).json()["outputs"][0]["data"][0]
         assert top.split(":")[2] in ("cat", "dog", "eel")
+
+
+def test_reloads_and_broken_tasks_under_max_resident_tasks_keep_every_task_serving_its_version(repo):
+    root, _ = repo
+    client, state = client_for(root, "explicit", max_batch_size=1, max_resident_tasks=1)  # one task's rows
+    with client:
+        assert infer(client, "tok").status_code == 200  # tok holds the one resident row; vec is paged out
+        assert not state.model.tasks["vec"].resident
+        art = open_repository(root).tasks["vec"]
+        spec = dataclasses.replace(art.spec, labels=("cat", "dog", "eel"))
+        list_task(root, dataclasses.replace(art, spec=spec, labels=list(spec.labels)).to_json())
+        list_broken(root, "input")
+        assert client.post(f"/v2/repository/models/{BAD}/load").status_code == 400
+        assert client.post("/v2/repository/models/vec/load").status_code == 200
+        for task in ("vec", "tok", "vec"):
+            assert infer(client, task).status_code == 200, task
+        assert client.get("/v2/models/vec/config").json()["parameters"]["labels"]["string_value"] == "cat,dog,eel"
+        assert state.model.resident_tasks == 1
 
 
 REFUSED_PARAMETERS = [  # (action, request body, what the 400 must name)
