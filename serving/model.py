@@ -42,6 +42,7 @@ from fpt_deploy.serving.runtimes import Runtime, runtime_class
 from fpt_deploy.artifacts import (
     INPUT_HEAD_INPUT,
     OUTPUT_HEAD_OUTPUT,
+    Repository,
     TaskArtifact,
     open_repository,
     verify_file,
@@ -250,7 +251,7 @@ class ServingModel:
                 self._fail(name, reason)
         for name in wanted:
             try:
-                self._install(self._read(repo.tasks[name]))
+                self._install(self._read(repo.tasks[name], repo))
             except FptDeployError as e:
                 if not every:
                     raise
@@ -362,13 +363,12 @@ class ServingModel:
             log.error("load of task %s failed: %s", name, reason)
         self._failed[name] = reason
 
-    def _read(self, art: TaskArtifact, repo=None) -> _TaskFiles:
+    def _read(self, art: TaskArtifact, repo: Repository) -> _TaskFiles:
         """``art``'s files read and checked against the served body; nothing of the server's is touched.
 
         A task file whose fields do not hold what serving needs is an ``ArtifactError`` that names the
         task, never another exception.
         """
-        repo = repo or self.repository
         try:
             return self._read_checked(art, repo)
         except FptDeployError:
@@ -379,7 +379,7 @@ class ServingModel:
                 "re-run `fpt-deploy export` for it"
             ) from e
 
-    def _read_checked(self, art: TaskArtifact, repo) -> _TaskFiles:
+    def _read_checked(self, art: TaskArtifact, repo: Repository) -> _TaskFiles:
         root = repo.root
         if art.fingerprint != self.backbone.fingerprint:
             raise FingerprintMismatchError(

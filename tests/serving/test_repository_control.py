@@ -141,6 +141,18 @@ def test_a_broken_task_file_is_that_tasks_400_and_every_other_task_still_loads(r
 
 
 @pytest.mark.parametrize("part", ["input", "spec"])
+def test_a_broken_task_file_at_start_up_leaves_that_task_unavailable_and_serves_the_others(repo, part):
+    root, _ = repo
+    list_broken(root, part)
+    client, state = client_for(root, "none")
+    with client:
+        assert set(state.model.tasks) == {"vec", "tok"}
+        assert infer(client, "vec").status_code == 200
+        state_, reason = index_of(client)[BAD]
+        assert state_ == "UNAVAILABLE" and "shape" in reason
+
+
+@pytest.mark.parametrize("part", ["input", "spec"])
 def test_the_poller_survives_a_broken_task_file_and_loads_later_tasks(repo, part):
     root, late = repo
     config = ServeConfig(repo=root, threads=1, max_queue_delay_ms=0, model_control_mode="poll", poll_interval=0.02)
