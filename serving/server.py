@@ -263,9 +263,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": problems}, status_code=400)
 
 
-def _core_routes(service: InferenceService) -> APIRouter:
+def _add_core_routes(api: FastAPI, service: InferenceService) -> None:
     """Health, server and model metadata, model readiness, and Prometheus metrics."""
-    api = APIRouter()
 
     @api.get("/v2/health/live")
     async def live():
@@ -300,8 +299,6 @@ def _core_routes(service: InferenceService) -> APIRouter:
     async def metrics():
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return api
-
 
 def _openapi_route(app: FastAPI, service: InferenceService) -> None:
     @app.get("/openapi.json")
@@ -333,7 +330,7 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()) -> FastAPI
         app.include_router(extension)
     # before /v2/models/{name}: .../stats and .../config win
     app.include_router(extensions.router(state.service, control_of(state), state.read_json))
-    app.include_router(_core_routes(state.service))
+    _add_core_routes(app, state.service)
     infer = InferEndpoint(state)
     for path in InferEndpoint.PATHS:
         app.add_route(path, infer.handle, methods=["POST"])
