@@ -122,3 +122,14 @@ def test_the_envelope_is_read_from_the_wire():
             read_envelope(bad)
     with pytest.raises(MalformedRequestError, match=f"more than {MAX_TENSORS} outputs"):
         read_envelope(b"\x32\x00" * (MAX_TENSORS + 1))
+
+
+def test_the_server_cap_is_the_largest_model_bound_plus_headroom(live):
+    from fpt_deploy.serving.grpc_server import MESSAGE_HEADROOM_BYTES, message_limit, server_message_limit
+
+    service, config = live.state.service, live.state.config
+    bounds = {c.model: message_limit(c) for c in service.contracts()}
+    assert set(bounds) >= set(service.model.tasks)
+    cap = server_message_limit(service, config.max_body_bytes)
+    assert cap == max(bounds.values()) + MESSAGE_HEADROOM_BYTES < config.max_body_bytes
+    assert server_message_limit(service, 2048) == 2048  # never above --max-body-bytes
