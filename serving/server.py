@@ -125,10 +125,18 @@ class ServerState:
         # explicit mode: --load-model's tasks only
         return cls(InferenceService.of(config, extensions.startup_tasks(config)), config)
 
-    # what repository control and tests read
-    model = property(lambda self: self.service.model)
-    batcher = property(lambda self: self.service.batcher)
-    metrics = property(lambda self: self.service.metrics)
+    # what repository control and tests read: the service's
+    @property
+    def model(self):
+        return self.service.model
+
+    @property
+    def batcher(self):
+        return self.service.batcher
+
+    @property
+    def metrics(self):
+        return self.service.metrics
 
     @property
     def ready(self) -> bool:
@@ -226,8 +234,8 @@ class InferEndpoint:
     async def _decode(self, body: bytearray, header_length: str | None, contract: InputContract) -> InferRequest:
         args = (body, header_length, contract, self.state.json_limits)
         if len(body) <= INLINE_DECODE_BYTES:
-            return _decode(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.state.decode_pool, _decode, *args)
+            return decode_request(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.state.decode_pool, decode_request, *args)
 
     def _disconnected(self, request: Request, rid: str) -> None:
         closed = request.scope.get(CLOSED_SCOPE_KEY)
