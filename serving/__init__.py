@@ -6,19 +6,23 @@ from fpt_deploy.serving.executor import InferenceRequest, InferenceResult, Mixed
 from fpt_deploy.serving.model import LoadedTask, ServingModel
 from fpt_deploy.serving.predict import PredictResult, predict
 from fpt_deploy.serving.runtimes import Runtime, create_runtime, register_runtime, runtime_names
+from fpt_deploy.serving.service import InferenceService, Pipeline, build_pipeline
 
 __all__ = [
     "DynamicBatcher",
+    "InferenceService",
     "InferenceRequest",
     "InferenceResult",
     "LoadedTask",
     "MixedBatchExecutor",
+    "Pipeline",
     "PredictConfig",
     "PredictResult",
     "Runtime",
     "RuntimeConfig",
     "ServeConfig",
     "ServingModel",
+    "build_pipeline",
     "create_app",
     "create_runtime",
     "predict",

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
+from fpt_deploy.serving.config import RuntimeConfig
 from fpt_deploy.serving.errors import InvalidInputError, QueueFullError, ServerClosingError
 from fpt_deploy.serving.executor import InferenceRequest
 from fpt_deploy.serving.model import LoadedTask
@@ -37,9 +38,9 @@ class DynamicBatcher:
     def __init__(
         self,
         execute: Callable[[list[InferenceRequest]], None],
-        max_batch_size: int = 32,
-        max_queue_delay_ms: float = 2.0,
-        max_queue_size: int = 1024,
+        max_batch_size: int = RuntimeConfig.max_batch_size,  # each default is the config's
+        max_queue_delay_ms: float = RuntimeConfig.max_queue_delay_ms,
+        max_queue_size: int = RuntimeConfig.max_queue_size,
         metrics=None,
         max_queue_rows: int | None = None,
     ) -> None:

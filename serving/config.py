@@ -92,7 +92,10 @@ class ServeConfig(RuntimeConfig):
     )
     max_body_bytes: int = field(
         default=64 << 20,
-        metadata={"help": "Request bodies larger than this get 413 (a model's bound from its shape may be lower)."},
+        metadata={
+            "help": "Request bodies and gRPC messages larger than this get 413 / RESOURCE_EXHAUSTED (a model's "
+            "bound from its shape may be lower)."
+        },
     )
     max_buffered_bytes: int = field(
         default=256 << 20,

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+from fpt_deploy.serving.config import RuntimeConfig
 from fpt_deploy.serving.model import LoadedTask
 from fpt_deploy.serving.runtimes import Runtime
 
@@ -109,7 +110,7 @@ class MixedBatchExecutor:
     def __init__(
         self,
         runtime: Runtime,
-        pad_tolerance: float = 0.25,
+        pad_tolerance: float = RuntimeConfig.pad_tolerance,  # the config's default
         metrics=None,
         page_in: Callable[[list[LoadedTask]], int] | None = None,
     ) -> None:

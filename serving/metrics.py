@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from fpt_deploy.serving.protocol import MODEL_VERSION
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.gc_collector import GCCollector
@@ -35,7 +36,6 @@ _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TASKS = (1, 2, 3, 4, 8, 16, 32, 64)
 LATENCY_WINDOW = 1024  # recent request durations per task kept for the p50/p99 summary
 QUANTILES = (0.5, 0.9, 0.95, 0.99)  # Triton's nv_inference_request_summary_us quantiles
-MODEL_VERSION = "1"
 # Executor stage -> Triton's duration of that stage.
 STAGES = {"input_head": "compute_input", "backbone": "compute_infer", "output_head": "compute_output"}
 UNKNOWN_MODEL = "<unknown>"  # label of requests for a model that is not served (a bounded label set)

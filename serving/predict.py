@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import PredictConfig
-from fpt_deploy.serving.executor import MixedBatchExecutor
-from fpt_deploy.serving.model import ServingModel
+from fpt_deploy.serving.service import build_pipeline
 
 from fpt_deploy.atomic import write_text, write_with
 from fpt_deploy.errors import ConfigError
@@ -73,14 +71,8 @@ def _write(path: Path, result: PredictResult) -> None:
 def predict(config: PredictConfig) -> PredictResult:
     """Labels and probabilities of every row of ``config.input`` for ``config.task``."""
     inputs = _load_inputs(config.input)
-    model = ServingModel(config, tasks=[config.task])
-    task = model.task(config.task)
-    batcher = DynamicBatcher(
-        MixedBatchExecutor(model.runtime, config.pad_tolerance),
-        config.max_batch_size,
-        config.max_queue_delay_ms,
-        config.max_queue_size,
-    )
+    pipeline = build_pipeline(config, [config.task])
+    task, batcher = pipeline.model.task(config.task), pipeline.batcher
     try:
         if inputs.ndim == len(task.example_shape):  # one example without a batch dim
             inputs = inputs[None]
@@ -102,8 +94,7 @@ def predict(config: PredictConfig) -> PredictResult:
         results += [f.result() for f in pending]
         seconds = time.perf_counter() - t0
     finally:
-        batcher.close()
-        model.close()
+        pipeline.close()
     result = PredictResult(
         task=task.name,
         rows=len(inputs),

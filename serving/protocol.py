@@ -27,6 +27,7 @@ import numpy as np
 from fpt_deploy.serving.errors import InvalidInputError, MalformedRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MODEL_VERSION = "1"  # the one version of every served model
 
 TRITON_TO_NUMPY = {
     "BOOL": np.dtype(np.bool_),
@@ -84,25 +85,41 @@ class InputContract:
             max_rows=max_rows,
         )
 
+    @classmethod
+    def of_artifact(cls, art, max_rows: int) -> InputContract:
+        """The contract of a task the repository lists (a ``TaskArtifact``), loaded or not."""
+        return cls(
+            model=art.name,
+            name=art.input["name"],
+            dtype=np.dtype(art.input["dtype"]),
+            example_shape=tuple(art.input["shape"][1:]),
+            max_rows=max_rows,
+        )
+
     @property
     def datatype(self) -> str:
         return triton_dtype(self.dtype)
+
+    @property
+    def max_elements(self) -> int:
+        """Elements of the largest valid input: ``max_rows`` rows."""
+        return self.max_rows * math.prod(self.example_shape)
 
     def describe(self) -> str:
         return f"{self.datatype} [-1, {', '.join(map(str, self.example_shape))}]"
 
     def max_body_bytes(self, limits: JsonLimits) -> int:
         """The largest body a valid request can have: ``max_rows`` rows as JSON values (binary is smaller)."""
-        elements = self.max_rows * math.prod(self.example_shape)
-        return JSON_ENVELOPE_BYTES + elements * (limits.max_number_chars + JSON_SEPARATOR_BYTES)
+        return JSON_ENVELOPE_BYTES + self.max_elements * (limits.max_number_chars + JSON_SEPARATOR_BYTES)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeclaredTensor:
     """One input as a client declared it, before validation: any transport builds these.
 
-    ``data`` holds JSON-like values (flat or nested lists, row-major; gRPC's typed contents as a flat
-    list); ``raw`` holds little-endian row-major bytes (the binary extension, gRPC's raw contents).
+    ``data`` holds JSON-like values (flat or nested lists, row-major); ``values`` a flat array already
+    converted from typed fields (gRPC's typed contents); ``raw`` holds little-endian row-major bytes
+    (the binary extension, gRPC's raw contents).
     ``field`` names the tensor in error messages, e.g. ``inputs[0]``.
     """
 
@@ -111,6 +128,7 @@ class DeclaredTensor:
     shape: object
     data: object = None
     raw: bytes | bytearray | memoryview | None = None
+    values: np.ndarray | None = None
     field: str = "inputs[0]"
     may_hold_booleans: bool = True  # False when the source cannot hold booleans (a scan found none)
 
@@ -305,6 +323,18 @@ def _json_array(data, dtype: np.dtype, shape: tuple[int, ...], where: str, may_h
     return raw.astype(dtype, copy=False).reshape(shape)
 
 
+def _typed_array(values: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A flat array of typed values (a wider type of the same kind, e.g. uint32 for UINT8) as ``dtype``."""
+    count = math.prod(shape)
+    if values.size != count:
+        raise _bad(f"{where} has {values.size} values but shape {list(shape)} needs {count}")
+    if dtype.kind in "iu" and values.size and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise _bad(f"{where}: values must lie in [{info.min}, {info.max}] for {triton_dtype(dtype)}")
+    return values.astype(dtype, copy=False).reshape(shape)
+
+
 def decode_tensor(tensor: DeclaredTensor, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """The array of a tensor whose declaration ``check_declared`` accepted as (``dtype``, ``shape``)."""
     where = f"{tensor.field} ({tensor.name!r})"
@@ -316,6 +346,8 @@ def decode_tensor(tensor: DeclaredTensor, dtype: np.dtype, shape: tuple[int, ...
             )
         array = np.frombuffer(tensor.raw, dtype=dtype.newbyteorder("<"), count=math.prod(shape)).reshape(shape)
         array = array if array.dtype == dtype else array.astype(dtype)
+    elif tensor.values is not None:
+        array = _typed_array(tensor.values, dtype, shape, where)
     elif tensor.data is not None:
         array = _json_array(tensor.data, dtype, shape, where, tensor.may_hold_booleans)
     else:
@@ -439,7 +471,7 @@ def decode_request(
 
 
 def encode_response(
-    model: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]], version: str = "1"
+    model: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]], version: str = MODEL_VERSION
 ) -> tuple[bytes, int | None]:
     """(body, header length or None): JSON outputs inline, binary ones appended after the JSON header."""
     tensors, chunks = [], []

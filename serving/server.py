@@ -6,7 +6,11 @@
     GET  /metrics                                         Prometheus
     GET  /openapi.json                                    this surface, described (serving/openapi.py)
 
-The request path is split into hooks (decode the request, predict on a batch, encode the response).
+This module is the HTTP adapter over the protocol-neutral ``InferenceService`` (service.py), which
+gRPC (grpc_server.py) shares: here a request's body is read under its limits and decoded
+(protocol.py); the service resolves the model and version, checks and batches the input, selects
+the outputs and maps each error to its status. The request path is split into hooks (decode the
+request, predict on a batch, encode the response).
 Bad input cannot hurt the server or its other clients; each limit answers with its own status and a
 short ``{"error": message}`` naming the field, and logs one warning line with the request id:
 
@@ -45,14 +49,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fpt_deploy.serving import extensions, repository
-from fpt_deploy.serving.batcher import DynamicBatcher
 from fpt_deploy.serving.config import ServeConfig
-from fpt_deploy.serving.errors import (
-    InvalidInputError,
-    QueueFullError,
-)
-from fpt_deploy.serving.executor import InferenceResult, MixedBatchExecutor
-from fpt_deploy.serving.grpc_server import start_grpc_server
+from fpt_deploy.serving.errors import QueueFullError
+from fpt_deploy.serving.repository import control_of  # the one import of repository control
+from fpt_deploy.serving.grpc_server import server_message_limit, start_grpc_server
 from fpt_deploy.serving.http_limits import (
     CLOSED_SCOPE_KEY,
     BodyBudget,
@@ -60,11 +60,12 @@ from fpt_deploy.serving.http_limits import (
     limited_protocol,
     read_body,
 )
-from fpt_deploy.serving.metrics import ServingMetrics, configure_server_logs
-from fpt_deploy.serving.model import LoadedTask, ServingModel
+from fpt_deploy.serving.metrics import configure_server_logs
+from fpt_deploy.serving.model import LoadedTask
 from fpt_deploy.serving.openapi import CORE_PATHS, build_document, with_examples
 from fpt_deploy.serving.protocol import (
     HEADER_LENGTH,
+    MODEL_VERSION,
     InferRequest,
     InputContract,
     JsonLimits,
@@ -72,56 +73,24 @@ from fpt_deploy.serving.protocol import (
     encode_response,
     triton_dtype,
 )
+from fpt_deploy.serving.service import SERVER_NAME, InferenceService, server_version, status_of
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from fpt_deploy.errors import FptDeployError, UnknownNameError
+from fpt_deploy.errors import FptDeployError
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "fpt-deploy"
-# The batcher's worker re-takes the GIL after every ONNX Runtime call; with the event loop busy in
-# Python it waits up to this interval each time while the backbone's cores sit idle. CPython's default
-# (5 ms) cost the int8 server at concurrency 32 about 15% of its worker's time in GIL waits (its input
-# heads stage took 13-17% of the wall time instead of ~2%); 0.1 ms measured 4% (bench/serve_load.py).
+# The batcher's worker re-takes the GIL after every runtime call; with the event loop busy in Python
+# it waits up to this interval each time while the backbone's cores sit idle. CPython's default (5 ms)
+# costs the worker a large share of its time in GIL waits under load (bench/serve_load.py measures it).
 GIL_SWITCH_INTERVAL_S = 1e-4
-MODEL_VERSION = "1"
-PROBABILITIES, LABELS = "probabilities", "labels"
 # Bodies up to this size decode on the event loop (a thread hop costs more); larger ones in a pool.
 INLINE_DECODE_BYTES = 64 << 10
 DECODE_THREADS = 2
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fpt-deploy")
-    except PackageNotFoundError:
-        return "0"
-
-
-def model_outputs(task: LoadedTask) -> list[dict]:
-    """The outputs a model offers: its logits, their softmax, and the argmax labels."""
-    shape = [-1, *task.logits_shape]
-    return [
-        {"name": task.output_name, "datatype": "FP32", "shape": shape},
-        {"name": PROBABILITIES, "datatype": "FP32", "shape": shape},
-        {"name": LABELS, "datatype": "INT64", "shape": shape[:-1]},
-    ]
-
-
-def _select_outputs(task: LoadedTask, result: InferenceResult, request) -> list[tuple[str, np.ndarray, bool]]:
-    arrays = {task.output_name: result.logits, PROBABILITIES: result.probabilities, LABELS: result.labels}
-    names = list(arrays) if request.outputs is None else list(request.outputs)
-    unknown = [n for n in names if n not in arrays]
-    if unknown:
-        shown = ", ".join(repr(n[:40]) for n in unknown[:4])
-        raise InvalidInputError(f"model {task.name!r} has no output {shown}; its outputs: {', '.join(arrays)}")
-    return [(n, arrays[n], request.wants_binary(n)) for n in names]
 
 
 class LimitMetrics:
@@ -141,71 +110,143 @@ class LimitMetrics:
 
 
 class ServerState:
-    """What the app serves: the loaded model, its batcher, metrics, limits, and whether it is shutting down."""
+    """The HTTP side of a server: the ``InferenceService``, HTTP limits and body budget, repository control."""
 
-    def __init__(
-        self, model: ServingModel, batcher: DynamicBatcher, metrics: ServingMetrics, config: ServeConfig
-    ) -> None:
-        self.model, self.batcher, self.metrics, self.config = model, batcher, metrics, config
-        self.limit_metrics = LimitMetrics(metrics.registry)
+    def __init__(self, service: InferenceService, config: ServeConfig) -> None:
+        self.service, self.config = service, config
+        self.limit_metrics = LimitMetrics(service.metrics.registry)
         self.budget = BodyBudget(config.max_buffered_bytes, self.limit_metrics.buffered)
         self.json_limits = JsonLimits(max_depth=config.json_max_depth, max_number_chars=config.json_max_number_chars)
         self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="fpt-decode")
-        self.ready = True
+        self.control = None  # made on first use (``control_of``)
 
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
-        model = ServingModel(  # explicit mode: --load-model's only
-            config, repository.startup_tasks(config), max_resident_tasks=config.max_resident_tasks
-        )
-        metrics = ServingMetrics()
-        metrics.resident_tasks.set_function(lambda: model.resident_tasks)
-        executor = MixedBatchExecutor(model.runtime, config.pad_tolerance, metrics, page_in=model.page_in)
-        batcher = DynamicBatcher(
-            executor,
-            config.max_batch_size,
-            config.max_queue_delay_ms,
-            config.max_queue_size,
-            metrics,
-            max_queue_rows=config.max_queue_rows,
-        )
-        return cls(model, batcher, metrics, config)
+        # explicit mode: --load-model's tasks only
+        return cls(InferenceService.of(config, repository.startup_tasks(config)), config)
+
+    # what repository control and tests read: the service's
+    @property
+    def model(self):
+        return self.service.model
+
+    @property
+    def batcher(self):
+        return self.service.batcher
+
+    @property
+    def metrics(self):
+        return self.service.metrics
+
+    @property
+    def ready(self) -> bool:
+        return self.service.ready
 
     def contract(self, task: LoadedTask) -> InputContract:
-        return InputContract.of(task, self.batcher.max_batch_size)
+        return self.service.contract(task)
 
     def body_limit(self, contract: InputContract | None) -> int:
         """The largest body accepted: the server's limit, or less when no valid request could be larger."""
         limit = self.config.max_body_bytes
         return limit if contract is None else min(limit, contract.max_body_bytes(self.json_limits))
 
+    async def read_json(self, request: Request) -> dict:
+        """A small JSON object body (extensions), bounded and counted as ``infer``'s are."""
+        from fpt_deploy.serving.http_limits import read_json_body
+
+        return await read_json_body(request, self.budget, self.json_limits)
+
     def close(self, timeout: float | None = None) -> None:
-        self.ready = False
-        self.batcher.close(timeout)
-        self.model.close()
+        self.service.close(timeout)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _decode(
-    body: bytearray, header_length: str | None, task: LoadedTask, contract: InputContract, limits: JsonLimits
-) -> InferRequest:
-    """The validated request: the protocol's checks, then the task's own (value ranges, padding)."""
-    decoded = decode_request(body, header_length, contract, limits)
-    for name, array in decoded.inputs.items():
-        task.check_input(name, array, contract.max_rows)
-    return decoded
+def _error(status: int, message: str, rid: str | None = None, close: bool = False) -> JSONResponse:
+    headers = {REQUEST_ID_HEADER: rid} if rid else {}
+    if close:  # the body was not read: don't let the client send the rest of it on this connection
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
-    """The FastAPI application over ``state``; closing the app drains the batcher.
+def _decode(body: bytearray, header_length: str | None, contract: InputContract, limits: JsonLimits) -> InferRequest:
+    return decode_request(body, header_length, contract, limits)
 
-    ``routers`` (extensions: repository, statistics, ...) are included first, so their fixed paths
-    such as ``/v2/models/stats`` win over ``/v2/models/{name}``. Their routes are described in
-    /openapi.json from their FastAPI signatures, or by entries they add to ``app.state.openapi_paths``.
-    Extensions that read a body use ``read_body`` (bounded, counted in the budget) and
-    ``protocol.parse_json`` (depth and number limits), as ``infer`` does.
+
+class InferEndpoint:
+    """``POST .../infer``: read the body under its model's bound, decode it, and let the service answer.
+
+    A plain Starlette route (``handle``): it parses its own input, so FastAPI's parameter and
+    dependency machinery would only add to the event loop's work per request.
     """
 
+    PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+    def __init__(self, state: ServerState) -> None:
+        self.state, self.service = state, state.service
+        self._ids = itertools.count(1)
+
+    def request_id(self, request: Request) -> str:
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given and _CLIENT_REQUEST_ID.fullmatch(given):
+            return given
+        return f"r{next(self._ids)}"
+
+    async def handle(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        rid = self.request_id(request)
+        name = request.path_params["name"]
+        reserved, body_read = 0, False
+        try:
+            task = self.service.task(name, request.path_params.get("version"))
+            contract = self.service.contract(task)
+            if self.service.batcher.is_full():  # refused before its body is read, as it would be after
+                raise QueueFullError(f"the queue is full ({self.service.batcher.queued} requests waiting); retry later")
+            try:
+                body, reserved = await read_body(request, self.state.body_limit(contract), self.state.budget)
+            except BaseException as e:
+                reserved = getattr(e, "reserved", 0)
+                raise
+            body_read = True
+            decoded = await self._decode(body, request.headers.get(HEADER_LENGTH), contract)
+            future = self.service.submit(task, decoded.inputs)
+            del body  # the batcher holds the array (a view of the body for binary data), nothing else
+            result = await asyncio.wrap_future(future)
+            outputs = self.service.outputs(task, result, decoded)
+            payload, header_length = encode_response(task.name, decoded.id, outputs, MODEL_VERSION)
+        except ClientDisconnect:
+            self._disconnected(request, rid)
+            return Response(status_code=499)  # nobody reads it: the connection is gone
+        except FptDeployError as e:
+            status = self.service.failed(name, e)
+            log.warning("request %s: %d for model %r: %s", rid, status, name[:40], e)
+            return _error(status, str(e), rid, close=not body_read)
+        except Exception as e:  # noqa: BLE001  (an internal failure answers 500; the server stays up)
+            log.exception("request %s: inference for %r failed", rid, name[:40])
+            self.service.failed(name, e)
+            return _error(500, f"internal server error (request {rid}); the server log has the details", rid)
+        finally:
+            self.state.budget.give(reserved)
+        self.service.succeeded(name, time.perf_counter() - t0)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    async def _decode(self, body: bytearray, header_length: str | None, contract: InputContract) -> InferRequest:
+        args = (body, header_length, contract, self.state.json_limits)
+        if len(body) <= INLINE_DECODE_BYTES:
+            return decode_request(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.state.decode_pool, decode_request, *args)
+
+    def _disconnected(self, request: Request, rid: str) -> None:
+        closed = request.scope.get(CLOSED_SCOPE_KEY)
+        if closed is None:  # the client went away (not a server-side timeout, counted by the protocol)
+            self.state.limit_metrics.disconnects.inc()
+            log.info("request %s: the client disconnected before sending its whole body", rid)
+        else:
+            log.warning("request %s: connection closed (%s)", rid, closed)
+
+
+def _lifespan(state: ServerState):
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -214,24 +255,11 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
         await asyncio.get_running_loop().run_in_executor(None, state.close, 60.0)
         log.info("shut down after finishing in-flight requests")
 
-    app = FastAPI(title=SERVER_NAME, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.openapi_paths = dict(CORE_PATHS)
-    for extension in routers:
-        app.include_router(extension)
-    app.include_router(extensions.router(state))  # before /v2/models/{name}: .../stats and .../config win
-    request_ids = itertools.count(1)
+    return lifespan
 
-    def request_id(request: Request) -> str:
-        given = request.headers.get(REQUEST_ID_HEADER)
-        if given and _CLIENT_REQUEST_ID.fullmatch(given):
-            return given
-        return f"r{next(request_ids)}"
 
-    def error(status: int, message: str, rid: str | None = None, close: bool = False) -> JSONResponse:
-        headers = {REQUEST_ID_HEADER: rid} if rid else {}
-        if close:  # the body was not read: don't let the client send the rest of it on this connection
-            headers["Connection"] = "close"
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _add_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own refusals (unknown path, bad parameters) as ``{"error": message}``."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -242,130 +270,48 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
         problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors()[:4])
         return JSONResponse({"error": problems}, status_code=400)
 
-    @app.get("/v2/health/live")
+
+def _add_core_routes(api: FastAPI, service: InferenceService) -> None:
+    """Health, server and model metadata, model readiness, and Prometheus metrics."""
+
+    @api.get("/v2/health/live")
     async def live():
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready")
+    @api.get("/v2/health/ready")
     async def ready():
-        return Response(status_code=200 if state.ready else 503)
+        return Response(status_code=200 if service.ready else 503)
 
-    @app.get("/v2")
+    @api.get("/v2")
     async def server_metadata():
-        return {"name": SERVER_NAME, "version": _version(), "extensions": extensions.EXTENSIONS}
+        return service.server_metadata()
 
-    def lookup(name: str) -> LoadedTask | JSONResponse:
-        try:
-            return state.model.task(name)
-        except UnknownNameError as e:
-            return error(404, str(e))
-
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str = MODEL_VERSION):
-        task = lookup(name)
-        if isinstance(task, JSONResponse):
-            return task
-        if version != MODEL_VERSION:
-            return error(404, f"model {name!r} has only version {MODEL_VERSION}, not {version[:40]!r}")
-        backbone = state.model.backbone
-        return {
-            "name": task.name,
-            "versions": [MODEL_VERSION],
-            "platform": "fpt-deploy",
-            "inputs": [
-                {
-                    "name": task.input_name,
-                    "datatype": triton_dtype(task.input_dtype),
-                    "shape": [-1, *task.example_shape],
-                }
-            ],
-            "outputs": model_outputs(task),
-            "parameters": {
-                "labels": task.labels,
-                "backbone": backbone.name,
-                "backbone_fingerprint": backbone.fingerprint,
-                "backbone_variant": state.model.variant,
-                "runtime": state.model.runtime.name,
-                "max_batch_size": state.batcher.max_batch_size,
-            },
-        }
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str = MODEL_VERSION):
-        task = lookup(name)
-        if isinstance(task, JSONResponse):
-            return task
-        return Response(status_code=200 if state.ready and version == MODEL_VERSION else 404)
-
-    async def infer(request: Request):
-        t0 = time.perf_counter()
-        rid = request_id(request)
-        name, version = request.path_params["name"], request.path_params.get("version", MODEL_VERSION)
-        label = name if name in state.model.tasks else "<unknown>"  # bounded label set
-        reserved, body_read = 0, False
         try:
-            task = state.model.task(name)
-            if version != MODEL_VERSION:
-                raise UnknownNameError(f"model {name!r} has only version {MODEL_VERSION}, not {version[:40]!r}")
-            contract = state.contract(task)
-            if state.batcher.is_full():  # refused before its body is read, as it would be after
-                raise QueueFullError(f"the queue is full ({state.batcher.queued} requests waiting); retry later")
-            try:
-                body, reserved = await read_body(request, state.body_limit(contract), state.budget)
-            except BaseException as e:
-                reserved = getattr(e, "reserved", 0)
-                raise
-            body_read = True
-            args = (body, request.headers.get(HEADER_LENGTH), task, contract, state.json_limits)
-            if len(body) <= INLINE_DECODE_BYTES:
-                decoded = _decode(*args)
-            else:
-                decoded = await asyncio.get_running_loop().run_in_executor(state.decode_pool, _decode, *args)
-            input_name, array = next(iter(decoded.inputs.items()))
-            future = state.batcher.submit(task, array)
-            del body  # the batcher holds the array (a view of the body for binary data), nothing else
-            result = await asyncio.wrap_future(future)
-            outputs = _select_outputs(task, result, decoded)
-            outputs = extensions.apply_classification(task, outputs, decoded.output_parameters)
-            payload, header_length = encode_response(task.name, decoded.id, outputs, MODEL_VERSION)
-        except ClientDisconnect:
-            closed = request.scope.get(CLOSED_SCOPE_KEY)
-            if closed is None:  # the client went away (not a server-side timeout, counted by the protocol)
-                state.limit_metrics.disconnects.inc()
-                log.info("request %s: the client disconnected before sending its whole body", rid)
-            else:
-                log.warning("request %s: connection closed (%s)", rid, closed)
-            return Response(status_code=499)  # nobody reads it: the connection is gone
+            return service.metadata(service.task(name, version))
         except FptDeployError as e:
-            status = 404 if isinstance(e, UnknownNameError) else getattr(e, "status", 500)
-            state.metrics.observe_request(label, status)
-            log.warning("request %s: %d for model %r: %s", rid, status, name[:40], e)
-            return error(status, str(e), rid, close=not body_read)
-        except Exception:  # noqa: BLE001  (an internal failure answers 500; the server stays up)
-            log.exception("request %s: inference for %r failed", rid, name[:40])
-            state.metrics.observe_request(label, 500)
-            return error(500, f"internal server error (request {rid}); the server log has the details", rid)
-        finally:
-            state.budget.give(reserved)
-        state.metrics.observe_request(label, 200, time.perf_counter() - t0)
-        if header_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+            return _error(status_of(e), str(e))
 
-    # The hot path is a plain Starlette route: it parses its own input, so FastAPI's parameter and
-    # dependency machinery would only add to the event loop's ~220 us of CPU a request (~20 us measured).
-    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
-        app.add_route(path, infer, methods=["POST"])
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = MODEL_VERSION):
+        try:
+            service.task(name)
+        except FptDeployError as e:
+            return _error(status_of(e), str(e))
+        return Response(status_code=200 if service.is_ready(name, version) else 404)
 
-    @app.get("/metrics")
+    @api.get("/metrics")
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _openapi_route(app: FastAPI, service: InferenceService) -> None:
     @app.get("/openapi.json")
     async def openapi():
-        tasks = state.model.tasks
+        tasks = service.model.tasks
         example = None
         if tasks:  # one row of ones for the first model: a request that succeeds
             task = next(iter(tasks.values()))
@@ -375,6 +321,28 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()):
             example = {"inputs": [{"name": task.input_name, "datatype": datatype, "shape": shape, "data": ones}]}
         return JSONResponse(with_examples(openapi_document(app), list(tasks), example))
 
+
+def create_app(state: ServerState, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI application over ``state``; closing the app drains the batcher.
+
+    ``routers`` (more extensions) are included first, so fixed paths such as ``/v2/models/stats``
+    win over ``/v2/models/{name}``. Their routes are described in /openapi.json from their FastAPI
+    signatures, or by entries they add to ``app.state.openapi_paths``. Extensions that read a body use
+    ``read_body`` (bounded, counted in the budget) and ``protocol.parse_json`` (depth and number
+    limits), as ``infer`` does.
+    """
+    app = FastAPI(title=SERVER_NAME, lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.openapi_paths = dict(CORE_PATHS)
+    _add_error_handlers(app)
+    for extension in routers:
+        app.include_router(extension)
+    # before /v2/models/{name}: .../stats and .../config win
+    app.include_router(extensions.router(state.service, control_of(state), state.read_json))
+    _add_core_routes(app, state.service)
+    infer = InferEndpoint(state)
+    for path in InferEndpoint.PATHS:
+        app.add_route(path, infer.handle, methods=["POST"])
+    _openapi_route(app, state.service)
     return app
 
 
@@ -384,9 +352,9 @@ def openapi_document(app: FastAPI) -> dict:
 
     described = app.state.openapi_paths
     others = [r for r in app.routes if isinstance(r, APIRoute) and r.include_in_schema and r.path not in described]
-    doc = build_document(dict(described), _version(), SERVER_NAME)
+    doc = build_document(dict(described), server_version(), SERVER_NAME)
     if others:
-        generated = get_openapi(title=SERVER_NAME, version=_version(), routes=others)
+        generated = get_openapi(title=SERVER_NAME, version=server_version(), routes=others)
         doc["paths"] = {**generated.get("paths", {}), **doc["paths"]}
         doc["components"]["schemas"] = {
             **generated.get("components", {}).get("schemas", {}),
@@ -418,6 +386,19 @@ def uvicorn_config(app, config: ServeConfig, on_close=lambda reason: None):
     )
 
 
+def start_grpc_of(state: ServerState, port: int | None = None):
+    """gRPC beside HTTP over the same service, repository control and byte budget; (server, port)."""
+    config = state.config
+    return start_grpc_server(
+        state.service,
+        control_of(state),
+        state.budget,
+        config.host,
+        config.grpc_port if port is None else port,
+        max_message_bytes=server_message_limit(state.service, config.max_body_bytes),
+    )
+
+
 def serve(config: ServeConfig) -> None:
     """Load the repository, then serve it until SIGINT/SIGTERM; in-flight requests finish first."""
     import uvicorn
@@ -427,10 +408,8 @@ def serve(config: ServeConfig) -> None:
     state = ServerState.load(config)
     app = create_app(state)
     grpc = None
-    if config.grpc_port is not None:  # the same state: one batcher, one repository control
-        grpc, _ = start_grpc_server(
-            state, repository.control_of(state), config.host, config.grpc_port, max_message_bytes=config.max_body_bytes
-        )
+    if config.grpc_port is not None:
+        grpc, _ = start_grpc_of(state)
     log.info(
         "serving %d model(s) (%s) on http://%s:%d with %s",
         len(state.model.tasks),

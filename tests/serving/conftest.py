@@ -13,6 +13,7 @@ Its backbone mixes tokens (a masked mean over the sequence), so a padding bug ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from contextlib import contextmanager
@@ -231,24 +232,26 @@ def gated_client(config, **batcher_options):
     """An in-process app whose batcher holds every batch until ``gate`` is set.
 
     Yields ``(client, state, gate, entered)``: ``entered`` is set once a batch reaches the gate.
-    ``batcher_options`` are ``DynamicBatcher``'s (max_batch_size, max_queue_size, ...).
+    ``batcher_options`` override the config's batcher fields (max_batch_size, max_queue_size, ...).
     """
     from fastapi.testclient import TestClient
-    from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServingModel
     from fpt_deploy.serving.metrics import ServingMetrics
     from fpt_deploy.serving.server import ServerState, create_app
+    from fpt_deploy.serving.service import InferenceService, build_pipeline
 
-    model = ServingModel(config)
     gate, entered = threading.Event(), threading.Event()
-    executor = MixedBatchExecutor(model.runtime)
 
-    def held(batch):
-        entered.set()
-        gate.wait(10)
-        executor(batch)
+    def hold(executor):
+        def held(batch):
+            entered.set()
+            gate.wait(10)
+            executor(batch)
 
-    metrics = ServingMetrics()
-    state = ServerState(model, DynamicBatcher(held, metrics=metrics, **batcher_options), metrics, config)
+        return held
+
+    config = dataclasses.replace(config, **batcher_options)
+    pipeline = build_pipeline(config, metrics=ServingMetrics(), wrap=hold)
+    state = ServerState(InferenceService(pipeline), config)
     with TestClient(create_app(state)) as client:
         try:
             yield client, state, gate, entered

@@ -27,12 +27,10 @@ class LiveServer:
 def live_server(config, timeout: float = 30.0):
     """Serve ``config`` (a ``ServeConfig``) over HTTP and gRPC until the block ends, then drain and stop."""
     import uvicorn
-    from fpt_deploy.serving.grpc_server import start_grpc_server
-    from fpt_deploy.serving.repository import control_of
-    from fpt_deploy.serving.server import ServerState, create_app
+    from fpt_deploy.serving.server import ServerState, create_app, start_grpc_of
 
     state = ServerState.load(config)
-    grpc, grpc_port = start_grpc_server(state, control_of(state), "127.0.0.1", 0)
+    grpc, grpc_port = start_grpc_of(state, port=0)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

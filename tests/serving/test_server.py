@@ -352,23 +352,64 @@ def test_tritonclient_reports_the_error_message(server):
         triton_client(port).infer("mnist", inputs)
 
 
-def test_metrics_count_failures_per_task(server):
+def test_metrics_count_failures_per_task(server, rows, expected):
+    """Its own failures and successes, counted: the counts grow by exactly what this test sent."""
     _, url, _ = server
-    assert metric(url, 'fpt_inference_failures_total{code="400",task="mnist"}') >= 1
-    assert metric(url, 'fpt_inference_failures_total{code="404",task="<unknown>"}') >= 1
-    assert metric(url, "fpt_queue_seconds_count") >= 2 * ROWS
-    assert metric(url, 'fpt_compute_seconds_count{stage="backbone"}') >= 1
+    names = (
+        'fpt_inference_failures_total{code="400",task="mnist"}',
+        'fpt_inference_failures_total{code="404",task="<unknown>"}',
+        "fpt_queue_seconds_count",
+        'fpt_compute_seconds_count{stage="backbone"}',
+    )
+
+    def counts() -> list[float]:
+        return [metric_or_zero(url, name) for name in names]
+
+    before = counts()
+    assert http("POST", f"{url}/v2/models/mnist/infer", json_body(shape=(1, 27, 28)))[0] == 400
+    assert http("POST", f"{url}/v2/models/nope/infer", json_body())[0] == 404
+    good_request(server, rows, expected)
+    after = counts()
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1
+    assert after[2] == before[2] + 1 and after[3] >= before[3] + 1
+
+
+def metric_or_zero(url: str, name: str) -> float:
+    try:
+        return metric(url, name)
+    except AssertionError:  # a labelled series appears with its first count
+        return 0.0
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server, rows, expected):
-    """Runs last in this module: SIGTERM while a request waits in the 100 ms batching window."""
-    proc, _, port = server
-    client = triton_client(port, concurrency=2)
-    inputs, outputs = triton_inputs(rows["bit-xor"][7:8], binary=True)
-    handle = client.async_infer("bit-xor", inputs, outputs=outputs)
-    time.sleep(0.03)
+    """Runs last in this module: SIGTERM while a request is in flight (its body half sent)."""
+    import http.client
+
+    proc, url, port = server
+    x = rows["bit-xor"][7:8]
+    body = json.dumps(
+        {
+            "inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}],
+            "outputs": [{"name": "labels"}, {"name": "probabilities"}],
+        }
+    ).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/v2/models/bit-xor/infer")
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    conn.send(body[:-8])
+    deadline = time.monotonic() + 30
+    while metric(url, "fpt_request_bytes_buffered") == 0:  # the server is reading this request's body
+        assert time.monotonic() < deadline, "the server never began reading the request"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert_matches(handle.get_result(timeout=30), expected["bit-xor"], slice(7, 8))
+    conn.send(body[-8:])
+    response = conn.getresponse()
+    assert response.status == 200
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in json.loads(response.read())["outputs"]}
+    conn.close()
+    np.testing.assert_array_equal(outputs["labels"], expected["bit-xor"]["labels"][7:8])
+    np.testing.assert_allclose(outputs["probabilities"], expected["bit-xor"]["probabilities"][7:8], atol=1e-5)
     assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     assert "shut down after finishing in-flight requests" in proc.log_path.read_text()
 
