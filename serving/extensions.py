@@ -25,7 +25,6 @@ from fpt_deploy.serving.protocol import MODEL_VERSION
 from fpt_deploy.serving.repository import request_parameters
 from fpt_deploy.serving.service import InferenceService, status_of
 
-
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"

@@ -51,7 +51,6 @@ from fastapi.routing import APIRoute
 from fpt_deploy.serving import extensions, repository
 from fpt_deploy.serving.config import ServeConfig
 from fpt_deploy.serving.errors import QueueFullError
-from fpt_deploy.serving.repository import control_of  # the one import of repository control
 from fpt_deploy.serving.grpc_server import server_message_limit, start_grpc_server
 from fpt_deploy.serving.http_limits import (
     CLOSED_SCOPE_KEY,
@@ -73,6 +72,7 @@ from fpt_deploy.serving.protocol import (
     encode_response,
     triton_dtype,
 )
+from fpt_deploy.serving.repository import control_of  # the one import of repository control
 from fpt_deploy.serving.service import SERVER_NAME, InferenceService, server_version, status_of
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException

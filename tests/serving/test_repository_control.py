@@ -257,7 +257,7 @@ def test_grpc_load_with_a_config_is_refused_not_ignored(repo):
 
     list_task(root, late.to_json())
     with client:
-        servicer, context = InferenceServicer(state, state.control), Context()
+        servicer, context = InferenceServicer(state.service, state.control, state.budget), Context()
         config = service_pb2.ModelRepositoryParameter(string_param='{"max_batch_size": 2}')
         request = service_pb2.RepositoryModelLoadRequest(model_name=LATE, parameters={"config": config})
         with pytest.raises(Aborted):
