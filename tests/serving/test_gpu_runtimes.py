@@ -38,7 +38,8 @@ def test_ort_cuda_matches_cpu(exported_repo):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
-from fpt_deploy.serving.runtimes.tensorrt_graph import (
+from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
+from fpt_deploy.serving.runtimes.tensorrt.graph import (
     UnsupportedOperatorError,
     check_tensorrt_ops,
     convert_to_mixed_precision,
@@ -174,7 +175,8 @@ def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(synthetic_repo,
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_engine_matches_onnxruntime_and_is_recorded(deploy_repo, fp16):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineSession, load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.cuda import load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.session import EngineSession
 
     from fpt_deploy.artifacts import open_repository
 

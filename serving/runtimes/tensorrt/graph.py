@@ -1,6 +1,6 @@
 """The ONNX side of TensorRT engines: operator check, task-index wrapper, fp16 rewrite. Plain ONNX, no GPU.
 
-``fpt-deploy build-engine`` (``fpt_deploy.serving.runtimes.tensorrt``) builds its engine from the
+``fpt-deploy build-engine`` (``fpt_deploy.serving.runtimes.tensorrt.build``) builds its engine from the
 repository's portable ``backbone.onnx`` after three graph steps that run anywhere (checked with ONNX
 Runtime on CPU in the tests):
 
