@@ -164,8 +164,8 @@ def body_from_repository(backbone: BackboneArtifact, backbone_file: Path):
                 raise ArtifactError(
                     f"linear layer {k} of {backbone_file} is {w.shape}, the body's is {tuple(layer.weight.shape)}"
                 )
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-            layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+            layer.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            layer.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
     return body.freeze()
 
 
