@@ -36,6 +36,7 @@ from fpt_deploy.artifacts import (
 )
 from fpt_deploy.atomic import write_bytes, write_with
 from fpt_deploy.errors import ArtifactError, ConfigError, ExportMismatchError, RuntimeUnavailableError
+from fpt_deploy.onnx_files import save_model
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,8 @@ def build_engine(config: EngineConfig) -> EngineResult:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fpt-trt-") as tmp:
-        onnx_path = Path(tmp) / "backbone.onnx"
-        onnx.save(to_build, str(onnx_path), save_as_external_data=to_build.ByteSize() > (1 << 30))
+        # By path, weights beside the graph past 2 GB: a large graph cannot be serialised in one piece.
+        onnx_path = save_model(to_build, Path(tmp) / "backbone.onnx")
         log.info(
             "building a TensorRT %s %s engine on %s (B<=%d, L<=%d, T<=%d; tuned for B=%d, L=%d) ...",
             trt.__version__,
@@ -228,14 +229,14 @@ def build_engine(config: EngineConfig) -> EngineResult:
             config.opt_len,
         )
         engine_bytes = build_serialized(trt, onnx_path, config, shapes)
-    seconds = time.perf_counter() - start
-
-    reference = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
-    session = EngineSession(trt, cuda, engine_bytes, f"the new {config.variant} engine")
-    try:
-        parity = check_parity(session, reference, repo, tasks, (table_w, table_b), shapes)
-    finally:
-        session.close()
+        seconds = time.perf_counter() - start
+        reference_path = save_model(wrapped, Path(tmp) / "reference.onnx") if config.fp16 else onnx_path
+        reference = ort.InferenceSession(str(reference_path), providers=["CPUExecutionProvider"])
+        session = EngineSession(trt, cuda, engine_bytes, f"the new {config.variant} engine")
+        try:
+            parity = check_parity(session, reference, repo, tasks, (table_w, table_b), shapes)
+        finally:
+            session.close()
     for point, diff in parity.items():
         log.info("TensorRT vs ONNX Runtime at %s: max abs diff %.3g (atol %.1g)", point, diff, config.atol)
     failed = {point: diff for point, diff in parity.items() if not diff <= config.atol}
@@ -248,7 +249,9 @@ def build_engine(config: EngineConfig) -> EngineResult:
     folder = backbone_dir(backbone.fingerprint)
     plan_rel, wrapped_rel = f"{folder}/backbone.{config.variant}.plan", f"{folder}/backbone.task-index.onnx"
     write_bytes(repo.root / plan_rel, engine_bytes)
-    write_with(repo.root / wrapped_rel, lambda tmp: onnx.save(wrapped, str(tmp)))
+    # Past 2 GB the weights go to <name>.data beside it, named for the final file, not the temporary one.
+    location = f"{Path(wrapped_rel).name}.data"
+    write_with(repo.root / wrapped_rel, lambda tmp: save_model(wrapped, tmp, location=location))
     info = {
         "file": plan_rel,
         "onnx": wrapped_rel,
