@@ -65,12 +65,11 @@ class OrtCudaRuntime(OrtRuntime):
     def check_session(self) -> None:
         if "CUDAExecutionProvider" not in self.session.get_providers():
             why = missing_cuda_library(import_onnxruntime())
+            hint = (
+                f"{why}; install the CUDA 13 and cuDNN 9 wheels: pip install 'fpt-deploy[gpu]'"
+                if why
+                else "no usable GPU or driver?"
+            )
             raise RuntimeUnavailableError(
-                "ONNX Runtime could not start its CUDA provider "
-                + (
-                    f"({why}); install the CUDA 13 and cuDNN 9 wheels with pip install 'fpt-deploy[gpu]'"
-                    if why
-                    else "(no usable GPU or driver?)"
-                )
-                + "; or use --runtime ort"
+                f"ONNX Runtime could not start its CUDA provider ({hint}); or use --runtime ort"
             )
