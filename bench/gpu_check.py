@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check --backbone .whl/minilm-fp16    # serving + tensorrt, < 10 min; files to $OUT
     python -m bench.gpu_check --smoke                        # the same on the CPU, tiny sizes
+    bash bench/gpu_run.sh                                    # a lent GPU machine: no registry, no install
 
 Measures, on the GPU, in one run (``--sections`` picks some; the default is ``serving,tensorrt``):
 0. ``serving``: the many-task serving bench (``bench.gpu_serving``): N = 1, 100, 1,000 tasks, uniform
