@@ -136,7 +136,7 @@ def closed_loop(submit, names: list[str], kind: str, concurrency: int, seconds: 
 
     def client(k: int) -> None:
         mine, i = [], k
-        while time.perf_counter() < stop:
+        while not mine or time.perf_counter() < stop:  # one request at least, however late it starts
             name, x = plan[i % len(plan)], rows[i % len(rows)][None]
             t0 = time.perf_counter()
             try:

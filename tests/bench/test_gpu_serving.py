@@ -25,7 +25,8 @@ def test_smoke_runs_every_contender_and_renders_the_goals(exported_repo, tmp_pat
     assert set(results["shared"]) == {1, 3} and set(results["per_task"]) == {1, 3}
     for point in (*results["shared"].values(), *results["per_task"].values()):
         assert set(point["levels"]) == {"uniform c=1", "uniform c=4", "zipf c=1", "zipf c=4"}
-        assert all(level["requests"] > 0 and "errors" not in level for level in point["levels"].values())
+        levels = point["levels"].values()
+        assert all(level["requests"] > 0 and "errors" not in level for level in levels), point["levels"]
     parity = results["torch_vs_ort"]
     assert parity["labels_equal"] and parity["within_guard"]
     assert set(results["goals"]) == {*GOALS, "torch_vs_ort"}
