@@ -1,8 +1,14 @@
 """One prepared GPU check: run it on a machine with a CUDA GPU.
 
-    python -m bench.gpu_check --backbone minilm --out gpu_check.json
+    python -m bench.gpu_check --backbone .whl/minilm-fp16    # serving + tensorrt, < 10 min; files to $OUT
+    python -m bench.gpu_check --smoke                        # the same on the CPU, tiny sizes
+    bash bench/gpu_run.sh                                    # a lent GPU machine: no registry, no install
 
-Measures, on the GPU, in one run (``--sections`` picks some):
+Measures, on the GPU, in one run (``--sections`` picks some; the default is ``serving,tensorrt``):
+0. ``serving``: the many-task serving bench (``bench.gpu_serving``): N = 1, 100, 1,000 tasks, uniform
+   and Zipf traffic, concurrency 1/32/256, the shared body (``--runtime torch``) vs one torch model per
+   task through the real batcher, the raw body, torch vs ort answers, and ``--runtime ort-cuda`` where
+   onnxruntime-gpu is installed; writes ``gpu_serving.md``, the section for BENCHMARKS.md, with its goals;
 1. ``train``: FPT training on MNIST (bf16 autocast, the CLI's training loop): held-out accuracy and
    steps/s, for a few learning rates, plus one fp32 run to check that bf16 keeps accuracy;
 2. ``step``: the FPT step vs a full fine-tuning step of the same model and batch;
@@ -43,7 +49,8 @@ from fpt_deploy.model import FPT
 from fpt_deploy.tasks import get_task
 
 log = logging.getLogger("bench.gpu_check")
-SECTIONS = ("train", "step", "inference", "tensorrt", "fp16-parity")
+SECTIONS = ("serving", "train", "step", "inference", "tensorrt", "fp16-parity")
+DEFAULT_SECTIONS = ("serving", "tensorrt")
 BATCHES = (1, 32, 256)
 
 
@@ -237,7 +244,7 @@ def _wrapped_graphs(body, tmp: Path):
     """The backbone as ``build-engine`` builds it (exported, wrapped by task index) and its fp16 rewrite."""
     import onnx
     from fpt_deploy.export.graphs import write_backbone_graph
-    from fpt_deploy.serving.runtimes.tensorrt_graph import convert_to_mixed_precision, wrap_with_task_index
+    from fpt_deploy.serving.runtimes.tensorrt.graph import convert_to_mixed_precision, wrap_with_task_index
 
     path = tmp / "backbone.onnx"
     write_backbone_graph(body.cpu(), path, 18)
@@ -290,7 +297,10 @@ def tensorrt_section(backbone: str, length: int = 128) -> dict:
         return {"skipped": f"{' and '.join(names[m] for m in missing)} not installed here: no TensorRT measurement"}
     import onnx
     import onnxruntime as ort
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, EngineSession, build_serialized, load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_serialized
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
+    from fpt_deploy.serving.runtimes.tensorrt.cuda import load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.session import EngineSession
 
     trt, cuda = load_gpu_stack()
     body = load_body(backbone)
@@ -336,10 +346,30 @@ def tensorrt_section(backbone: str, length: int = 128) -> dict:
     return result
 
 
+def serving_section(args, out: Path | None) -> dict:
+    """The many-task serving bench (bench/gpu_serving.py); its markdown goes to ``out``/gpu_serving.md."""
+    from bench.gpu_serving import ServingBenchConfig, run_serving_bench, write_outputs
+
+    given = {"precision": args.precision, "cuda_graphs": args.cuda_graphs}
+    if args.seconds:
+        given["seconds"] = args.seconds
+    if args.smoke:
+        cfg = ServingBenchConfig.smoke(**given)
+    else:
+        cfg = ServingBenchConfig(backbone=args.backbone, **given)
+    results = run_serving_bench(cfg)
+    write_outputs(results, out)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="minilm", help="registry name or local folder (an fp16 copy works)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--smoke", action="store_true", help="serving on the CPU with tiny-bert and tiny sizes")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="serving: body precision")
+    parser.add_argument("--cuda-graphs", action="store_true", help="serving: replay CUDA graphs per batch bucket")
+    parser.add_argument("--seconds", type=float, default=None, help="serving: seconds a level")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lrs", default="1e-3,3e-3")
@@ -353,8 +383,10 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    if set(sections) - {"fp16-parity"} and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU is visible: run this on a GPU machine (only --sections fp16-parity runs on CPU)")
+    if set(sections) - {"fp16-parity", "serving", "tensorrt"} and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU is visible: run this on a GPU machine (serving runs with --smoke on a CPU)")
+    if "serving" in sections and not (args.smoke or torch.cuda.is_available()):
+        raise SystemExit("no CUDA GPU is visible: the serving section needs one, or --smoke (tiny, on the CPU)")
     facts = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -363,6 +395,9 @@ def main() -> None:
     }
     t0 = time.perf_counter()
     report: dict = {"facts": facts}
+    out = args.out.parent if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    if "serving" in sections:
+        report["serving"] = serving_section(args, out)
     if "train" in sections:
         report["train"] = train_runs(
             args.backbone, args.epochs, args.batch_size, [float(v) for v in args.lrs.split(",")]
@@ -372,7 +407,11 @@ def main() -> None:
     if "inference" in sections:
         report["inference"] = inference_speed(args.backbone, list(BATCHES))
     if "tensorrt" in sections:
-        report["tensorrt"] = tensorrt_section(args.backbone)
+        report["tensorrt"] = (
+            tensorrt_section(args.backbone)
+            if torch.cuda.is_available()
+            else {"skipped": "no CUDA GPU here: no TensorRT measurement"}
+        )
     if "fp16-parity" in sections:
         report["fp16_parity"] = fp16_parity(args.backbone)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -34,9 +34,11 @@ What was measured (MiniLM on MNIST, 1000 held-out images; ``bench.export_backbon
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from fpt_deploy.errors import FptDeployError
+from fpt_deploy.onnx_files import is_large, save_model
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,7 @@ def quantize_backbone_int8(source: Path, target: Path, calibration=None, alpha: 
         model = onnx.load(str(source))
         n = smooth_matmuls(model, activation_ranges(model, calibration), alpha)
         log.info("SmoothQuant (alpha %g): %d MatMuls smoothed", alpha, n)
-        smoothed = Path(str(target) + ".smoothed.onnx")
-        onnx.save(model, str(smoothed))
+        smoothed = save_model(model, Path(str(target) + ".smoothed.onnx"))  # external data past 2 GB
         source = smoothed
     root = logging.getLogger()  # ORT's quantizer logs every skipped tensor on the root logger
     level = root.level
@@ -84,6 +85,7 @@ def quantize_backbone_int8(source: Path, target: Path, calibration=None, alpha: 
         root.setLevel(level)
         if calibration:
             Path(source).unlink(missing_ok=True)
+            Path(f"{source}.data").unlink(missing_ok=True)  # its weights, when it was saved past 2 GB
 
 
 def activation_ranges(model, feeds) -> dict:
@@ -99,7 +101,12 @@ def activation_ranges(model, feeds) -> dict:
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if is_large(probe):  # past 2 GB a graph reaches ONNX Runtime as a file with its weights beside it
+        with tempfile.TemporaryDirectory(prefix="fpt-probe-") as tmp:
+            path = save_model(probe, Path(tmp) / "probe.onnx")
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     ranges: dict = {}
     for feed in feeds:
         for name, x in zip(names, sess.run(names, feed), strict=True):

@@ -24,7 +24,7 @@ from fpt_deploy.errors import FptDeployError
 from fpt_deploy.export.config import ExportConfig
 from fpt_deploy.export.triton import TritonConfig
 from fpt_deploy.serving.config import PredictConfig, ServeConfig
-from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
+from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 from fpt_deploy.training.config import EvaluateConfig, TrainConfig
 from fpt_deploy.training.reproduce import ReproduceConfig
 
@@ -297,11 +297,11 @@ def _write_triton(config: TritonConfig) -> None:
 def build_engine(config: Callable[..., EngineConfig]) -> None:
     """Build a TensorRT engine of the backbone, wrapped with a Gather by task index from resident norm tables.
 
-    Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy[gpu]'`), no torch. Checks
+    Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy\\[gpu]'`), no torch. Checks
     the engine against ONNX Runtime at the smallest, the tuned and the largest shape, then records it in
     the repository with its limits and the task order of its norm tables.
     """
-    from fpt_deploy.serving.runtimes.tensorrt import build_engine as build
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine as build
 
     result = build(config())
     parity = ", ".join(f"{point}: {diff:.2e}" for point, diff in result.parity.items())

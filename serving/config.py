@@ -25,7 +25,7 @@ class RuntimeConfig:
         default="ort",
         metadata={
             "help": "Runtime that runs the body: ort (ONNX Runtime CPU), ort-cuda (its CUDA provider), "
-            "tensorrt (the engine `build-engine` wrote), or one a plug-in registered.",
+            "tensorrt (the engine `build-engine` wrote), torch (PyTorch on --device), or one a plug-in registered.",
             "choices": runtime_names,
         },
     )
@@ -45,6 +45,21 @@ class RuntimeConfig:
     )
     threads: int | None = field(
         default=None, metadata={"help": "ONNX Runtime intra-op threads for the body (default: the physical cores)."}
+    )
+    # --runtime torch only (serving/runtimes/torch_runtime.py); the other runtimes ignore them.
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch runtime: device of the body, cuda, cuda:1, cpu, mps (default: cuda if any, else cpu)."
+        },
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={"help": "torch runtime: body precision; bf16/fp16 are checked against the fp32 ONNX at load."},
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={"help": "torch runtime on cuda: replay one captured CUDA graph per batch/length bucket."},
     )
     max_batch_size: int = field(
         default=32, metadata={"help": "Rows per batch: requests of all tasks are batched together up to this many."}

@@ -265,7 +265,7 @@ class ServingModel:
             else runtime.backbone_file(self.backbone, repo.root, config.backbone_variant)
         )
         tables = self._norms.arrays
-        self.runtime = runtime(backbone_file, tables["weight"], tables["bias"], threads=config.threads)
+        self.runtime = runtime.from_config(backbone_file, tables["weight"], tables["bias"], config)
         try:  # an engine built for smaller batches, shorter rows or fewer tasks is refused now, not per request
             self.runtime.check_capacity(
                 max_batch_size=config.max_batch_size, seq_lens={t: repo.tasks[t].spec.seq_len for t in self.tasks}

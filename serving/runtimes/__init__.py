@@ -25,7 +25,8 @@ ENTRY_POINT_GROUP = "fpt_deploy.runtimes"
 _BUILT_IN: dict[str, str] = {
     "ort": "fpt_deploy.serving.runtimes.ort:OrtRuntime",
     "ort-cuda": "fpt_deploy.serving.runtimes.ort_cuda:OrtCudaRuntime",
-    "tensorrt": "fpt_deploy.serving.runtimes.tensorrt:TensorRTRuntime",
+    "tensorrt": "fpt_deploy.serving.runtimes.tensorrt.runtime:TensorRTRuntime",
+    "torch": "fpt_deploy.serving.runtimes.torch_runtime:TorchRuntime",
 }
 _registry: dict[str, str | type[Runtime]] = dict(_BUILT_IN)
 _entry_points_read = False
@@ -73,14 +74,21 @@ def runtime_class(name: str) -> type[Runtime]:
 
 
 def create_runtime(
-    name: str, backbone_file: Path, norm_weight: np.ndarray, norm_bias: np.ndarray, *, threads: int | None = None
+    name: str,
+    backbone_file: Path,
+    norm_weight: np.ndarray,
+    norm_bias: np.ndarray,
+    *,
+    threads: int | None = None,
+    **options,
 ) -> Runtime:
     """The runtime ``name`` executing ``backbone_file`` over the norm tables (T, N_norm, D).
 
     ``backbone_file`` is what ``runtime_class(name).backbone_file(...)`` chose (or a file the user
-    named); ``threads`` is the host threads a CPU runtime may use (None: its default).
+    named); ``threads`` is the host threads a CPU runtime may use (None: its default); ``options`` are
+    the runtime's own keyword arguments (the torch runtime's ``device``, ``precision``, ...).
     """
-    return runtime_class(name)(Path(backbone_file), norm_weight, norm_bias, threads=threads)
+    return runtime_class(name)(Path(backbone_file), norm_weight, norm_bias, threads=threads, **options)
 
 
 __all__ = [

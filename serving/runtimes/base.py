@@ -17,6 +17,8 @@ import numpy as np
 from fpt_deploy.errors import ArtifactError
 
 if TYPE_CHECKING:
+    from fpt_deploy.serving.config import RuntimeConfig
+
     from fpt_deploy.artifacts import BackboneArtifact
 
 
@@ -47,6 +49,13 @@ class Runtime(ABC):
 
     def __init__(self, norm_weight: np.ndarray, norm_bias: np.ndarray) -> None:
         self._tables = check_norm_tables(norm_weight, norm_bias)  # one tuple: a swap is atomic
+
+    @classmethod
+    def from_config(
+        cls, backbone_file: Path, norm_weight: np.ndarray, norm_bias: np.ndarray, config: RuntimeConfig
+    ) -> Runtime:
+        """The runtime as ``config`` sets it up; a runtime with options of its own (``--device``) overrides this."""
+        return cls(backbone_file, norm_weight, norm_bias, threads=config.threads)
 
     @classmethod
     def backbone_file(cls, backbone: BackboneArtifact, root: Path, variant: str) -> Path:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from fpt_deploy.serving.runtimes.base import Runtime
 from fpt_deploy.serving.runtimes.ort_rewrite import ort_graph
-from fpt_deploy.serving.runtimes.sessions import physical_cores, session_options
+from fpt_deploy.serving.runtimes.sessions import import_onnxruntime, physical_cores, session_options
 
 from fpt_deploy.artifacts import BACKBONE_INPUTS, BACKBONE_OUTPUT
 from fpt_deploy.errors import ArtifactError
@@ -31,8 +31,7 @@ class OrtRuntime(Runtime):
     def __init__(
         self, backbone_file: Path, norm_weight: np.ndarray, norm_bias: np.ndarray, *, threads: int | None = None
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         super().__init__(norm_weight, norm_bias)
         self.threads = threads or physical_cores()
         self.check_available()

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fpt_deploy.errors import ArtifactError
+from fpt_deploy.errors import ArtifactError, RuntimeUnavailableError
+
+ONNXRUNTIME_HELP = (
+    "ONNX Runtime is not installed: pip install 'fpt-deploy[cpu]' (onnxruntime), or 'fpt-deploy[gpu]' "
+    "(onnxruntime-gpu) on a CUDA machine; install one of the two, never both"
+)
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module (from onnxruntime or onnxruntime-gpu), or an error naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise RuntimeUnavailableError(f"{ONNXRUNTIME_HELP} ({e})") from e
+    return onnxruntime
 
 
 def physical_cores() -> int:
@@ -19,7 +33,7 @@ def physical_cores() -> int:
 
 def session_options(threads: int):
     """The server's ONNX Runtime settings: ``threads`` intra-op threads, no spinning, every graph rewrite."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -53,7 +67,7 @@ def _share_head_allocator() -> None:
 
 def create_head_session(path: Path):
     """A one-thread CPU session for a task head: heads are tiny, and many tasks share the process."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     _share_head_allocator()
     so = session_options(1)

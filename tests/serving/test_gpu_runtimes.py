@@ -38,7 +38,8 @@ def test_ort_cuda_matches_cpu(exported_repo):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
@@ -47,3 +48,50 @@ def test_tensorrt_engine_matches_ort(exported_repo, tmp_path):
     trt = mixed_logits(RuntimeConfig(repo=repo, runtime="tensorrt"))
     for a, b in zip(cpu, trt, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def _fake_onnxruntime(tmp_path, provider_bytes: bytes | None):
+    """A stand-in ``onnxruntime`` module whose package folder holds ``provider_bytes`` as the CUDA provider."""
+    import types
+
+    folder = tmp_path / "onnxruntime"
+    (folder / "capi").mkdir(parents=True)
+    if provider_bytes is not None:
+        (folder / "capi" / "libonnxruntime_providers_cuda.so").write_bytes(provider_bytes)
+    module = types.ModuleType("onnxruntime")
+    module.__file__ = str(folder / "__init__.py")
+    module.__version__ = "1.31.1"
+    module.preloaded = []
+    module.preload_dlls = lambda: module.preloaded.append(True)
+    return module
+
+
+def test_ort_cuda_preloads_the_wheels_and_names_what_the_loader_missed(tmp_path):
+    from fpt_deploy.serving.runtimes.ort_cuda import missing_cuda_library, preload_cuda_libraries
+
+    broken = _fake_onnxruntime(tmp_path, b"not a shared library")
+    preload_cuda_libraries(broken)
+    assert broken.preloaded == [True]  # onnxruntime.preload_dlls() ran before any session
+    why = missing_cuda_library(broken)
+    assert "libonnxruntime_providers_cuda.so" in why  # the loader's own words, naming the file it could not load
+    cpu_build = _fake_onnxruntime(tmp_path / "cpu", None)
+    assert "not the onnxruntime-gpu build" in missing_cuda_library(cpu_build)
+    del cpu_build.preload_dlls  # an onnxruntime older than 1.21: nothing to preload, no error
+    preload_cuda_libraries(cpu_build)
+
+
+def test_without_onnxruntime_serving_says_which_extra_to_install(synthetic_repo):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "from fpt_deploy.serving import RuntimeConfig, ServingModel\n"
+        "from fpt_deploy.errors import RuntimeUnavailableError\n"
+        "try:\n"
+        f"    ServingModel(RuntimeConfig(repo={str(synthetic_repo)!r}))\n"
+        "except RuntimeUnavailableError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'fpt-deploy[cpu]'" in done.stdout and "'fpt-deploy[gpu]'" in done.stdout, done.stderr

@@ -42,7 +42,8 @@ def cudart(monkeypatch):
 @pytest.fixture
 def engine_repo(synthetic_repo, tmp_path, cudart) -> Path:
     """A copy of the synthetic repository with a trt-fp32 engine that the REAL build code wrote (via the double)."""
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     repo = tmp_path / "repo"
     shutil.copytree(synthetic_repo, repo)
@@ -140,7 +141,7 @@ def test_runtime_honours_the_contract(engine_repo, cudart):
 
 
 def _bind_mask_to_hidden(monkeypatch):
-    from fpt_deploy.serving.runtimes import tensorrt as mod
+    from fpt_deploy.serving.runtimes.tensorrt import session as mod
 
     allocate = mod.EngineSession._allocate
 
@@ -152,7 +153,7 @@ def _bind_mask_to_hidden(monkeypatch):
 
 
 def _free_input_before_sync(monkeypatch):
-    from fpt_deploy.serving.runtimes import tensorrt as mod
+    from fpt_deploy.serving.runtimes.tensorrt import cuda as mod
 
     to_host = mod.Cuda.to_host
 
@@ -164,13 +165,13 @@ def _free_input_before_sync(monkeypatch):
 
 
 def _skip_stream_destroy(monkeypatch):
-    from fpt_deploy.serving.runtimes import tensorrt as mod
+    from fpt_deploy.serving.runtimes.tensorrt import cuda as mod
 
     monkeypatch.setattr(mod.Cuda, "stream_destroy", lambda self, stream: None)
 
 
 def _skip_synchronize(monkeypatch):
-    from fpt_deploy.serving.runtimes import tensorrt as mod
+    from fpt_deploy.serving.runtimes.tensorrt import cuda as mod
 
     monkeypatch.setattr(mod.Cuda, "synchronize", lambda self, stream: None)
 
@@ -209,7 +210,7 @@ def test_close_waits_for_a_running_call_and_refuses_to_free_under_it(engine_repo
 
 
 def test_cuda_free_errors_are_reported_after_freeing_the_rest(engine_repo, cudart):
-    from fpt_deploy.serving.runtimes.tensorrt import CudaError
+    from fpt_deploy.serving.runtimes.tensorrt.cuda import CudaError
 
     runtime = _runtime(engine_repo)
     cudart.fail_free = {next(iter(cudart.allocations))}
@@ -299,7 +300,8 @@ def test_missing_tensorrt_and_old_tensorrt_are_clear(engine_repo, monkeypatch):
 
 @pytest.mark.parametrize("factory", ["Runtime", "Builder"])
 def test_a_nullptr_factory_is_a_clear_error(synthetic_repo, engine_repo, monkeypatch, factory):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     rt = double.DoubleCudart()
     double.install(monkeypatch, rt, double.DoubleTensorRT(rt, fail=(factory,)))
@@ -315,7 +317,8 @@ def test_a_nullptr_factory_is_a_clear_error(synthetic_repo, engine_repo, monkeyp
 
 
 def test_build_sets_the_profile_checks_parity_at_min_opt_max_and_records_the_engine(synthetic_repo, tmp_path, cudart):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     from fpt_deploy.artifacts import open_repository
 
@@ -346,7 +349,7 @@ def test_build_sets_the_profile_checks_parity_at_min_opt_max_and_records_the_eng
 
 
 def test_build_refuses_an_engine_beyond_tolerance_and_records_nothing(synthetic_repo, tmp_path, cudart, monkeypatch):
-    from fpt_deploy.serving.runtimes import tensorrt as mod
+    from fpt_deploy.serving.runtimes.tensorrt import session as mod
 
     from fpt_deploy.errors import ExportMismatchError
 
@@ -361,13 +364,14 @@ def test_build_refuses_an_engine_beyond_tolerance_and_records_nothing(synthetic_
 
 
 def build_engine_small(repo: Path, **kw):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     return build_engine(EngineConfig(repo=repo, max_batch=4, max_len=8, max_tasks=4, **kw))
 
 
 def test_build_options_are_validated_together(tmp_path):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineConfig
+    from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
 
     with pytest.raises(ConfigError) as err:
         EngineConfig(repo=tmp_path, max_batch=4, opt_batch=5, max_len=8, opt_len=0, max_tasks=0, workspace_gib=0,
@@ -402,7 +406,7 @@ def test_real_cuda_python_buffers_streams_and_frees_on_a_gpu(synthetic_repo, tmp
 
 
 def test_a_failed_launch_is_an_error_and_leaves_nothing_queued(engine_repo, cudart, monkeypatch):
-    from fpt_deploy.serving.runtimes.tensorrt import CudaError
+    from fpt_deploy.serving.runtimes.tensorrt.cuda import CudaError
 
     runtime = _runtime(engine_repo)
     monkeypatch.setattr(double.DoubleContext, "execute_async_v3", lambda self, stream: False)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fpt_deploy.serving.runtimes.tensorrt import EngineConfig, build_engine
-from fpt_deploy.serving.runtimes.tensorrt_graph import (
+from fpt_deploy.serving.runtimes.tensorrt.build import build_engine
+from fpt_deploy.serving.runtimes.tensorrt.config import EngineConfig
+from fpt_deploy.serving.runtimes.tensorrt.graph import (
     UnsupportedOperatorError,
     check_tensorrt_ops,
     convert_to_mixed_precision,
@@ -151,6 +152,30 @@ sys.meta_path.insert(0, BlockTorch())
 """
 
 
+def test_graphs_past_the_size_limit_go_through_files_with_external_data(backbone, tmp_path, monkeypatch):
+    """Past 2 GB a graph cannot be serialised: saved with its weights beside it, checked and inferred without
+    serialising it whole. The limit is lowered so the tiny backbone takes the large path."""
+    import onnx
+    import onnxruntime as ort
+
+    from fpt_deploy import onnx_files
+
+    small_wrapped = wrap_with_task_index(backbone)
+    small_mixed = convert_to_mixed_precision(small_wrapped)
+    monkeypatch.setattr(onnx_files, "LARGE_BYTES", 1)
+    wrapped = wrap_with_task_index(backbone)
+    mixed = convert_to_mixed_precision(wrapped)
+    paths = [onnx_files.save_model(m, tmp_path / f"{name}.onnx") for name, m in (("w", wrapped), ("m", mixed))]
+    for path in paths:  # the weights went beside each graph
+        stored = onnx.load(str(path), load_external_data=False).graph.initializer
+        assert Path(f"{path}.data").stat().st_size > 0
+        assert any(i.data_location == TensorProto.EXTERNAL for i in stored)
+    feeds = _mixed_batch()
+    for path, small in zip(paths, (small_wrapped, small_mixed), strict=True):
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_array_equal(got, _session(small).run(None, feeds)[0])
+
+
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here: the GPU-less path cannot be shown")
 @pytest.mark.parametrize("torch_blocked", [False, True], ids=["with-torch", "without-torch"])
 def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(synthetic_repo, torch_blocked):
@@ -174,7 +199,8 @@ def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(synthetic_repo,
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_engine_matches_onnxruntime_and_is_recorded(deploy_repo, fp16):
-    from fpt_deploy.serving.runtimes.tensorrt import EngineSession, load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.cuda import load_gpu_stack
+    from fpt_deploy.serving.runtimes.tensorrt.session import EngineSession
 
     from fpt_deploy.artifacts import open_repository
 

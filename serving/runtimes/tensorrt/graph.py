@@ -1,6 +1,6 @@
 """The ONNX side of TensorRT engines: operator check, task-index wrapper, fp16 rewrite. Plain ONNX, no GPU.
 
-``fpt-deploy build-engine`` (``fpt_deploy.serving.runtimes.tensorrt``) builds its engine from the
+``fpt-deploy build-engine`` (``fpt_deploy.serving.runtimes.tensorrt.build``) builds its engine from the
 repository's portable ``backbone.onnx`` after three graph steps that run anywhere (checked with ONNX
 Runtime on CPU in the tests):
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from fpt_deploy.artifacts import NORM_TABLE_INPUTS, TASK_INDEX_INPUT
 from fpt_deploy.errors import ArtifactError, FptDeployError
+from fpt_deploy.onnx_files import check_model, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def wrap_with_task_index(model):
     del g.node[:]
     g.node.extend(nodes)
     g.value_info.extend([graph_inputs["norm_weight"], graph_inputs["norm_bias"]])  # keep their known shapes
-    onnx.checker.check_model(wrapped)
+    check_model(wrapped)  # a graph past 2 GB is checked by path when saved
     return wrapped
 
 
@@ -182,7 +183,7 @@ def convert_to_mixed_precision(model):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = infer_shapes(model)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
     initializers = {i.name: i for i in g.initializer}
@@ -230,8 +231,8 @@ def convert_to_mixed_precision(model):
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]  # stale for renamed tensors; re-inferred below
-    out = onnx.shape_inference.infer_shapes(inferred)
-    onnx.checker.check_model(out)
+    out = infer_shapes(inferred)
+    check_model(out)
     log.info(
         "mixed precision: %d MatMul/Gemm in fp16 (%d Casts added), the rest in fp32",
         converted,
