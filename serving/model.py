@@ -52,6 +52,7 @@ from fpt_deploy.errors import (
     ConfigError,
     FingerprintMismatchError,
     FptDeployError,
+    RuntimeUnavailableError,
     UnknownNameError,
 )
 
@@ -252,6 +253,8 @@ class ServingModel:
         for name in wanted:
             try:
                 self._install(self._read(repo.tasks[name], repo))
+            except RuntimeUnavailableError:
+                raise  # the machine lacks a runtime package: no task can be served, say so once
             except FptDeployError as e:
                 if not every:
                     raise
