@@ -517,7 +517,7 @@ def case_2(srv: Server, good: Good, tricklers: int, seconds: float) -> tuple[dic
     good_503 = during["http"]["503"]
     fixed = good_503 == 0 and during["http"]["not_200"] == 0 and dropped == tricklers
     happened = (
-        f"{sum(sizes)} bytes declared; good requests: {during['http']['requests']}, "
+        f"{sum(sizes):,} bytes declared; good requests: {during['http']['requests']}, "
         f"{during['http']['not_200']} not 200 ({good_503} x 503); "
         f"trickles answered {dropped} x 408"
         + (f" after {min(took):.0f}-{max(took):.0f} s" if took else "")
