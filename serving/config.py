@@ -125,6 +125,13 @@ class ServeConfig(RuntimeConfig):
     body_timeout_s: float = field(
         default=10.0, metadata={"help": "Seconds a request body may go without data (then 408, closed)."}
     )
+    min_body_rate: float = field(
+        default=1024.0,
+        metadata={
+            "help": "Bytes per second an unfinished request body must average over each --body-timeout-s "
+            "window (then 408, closed), so a trickle cannot hold a connection; 0: no minimum."
+        },
+    )
     keep_alive_timeout_s: float = field(
         default=5.0, metadata={"help": "Seconds an idle keep-alive connection stays open."}
     )
@@ -198,6 +205,8 @@ class ServeConfig(RuntimeConfig):
             "json max number chars": (self.json_max_number_chars, 24),
         }
         problems = [f"{name} must be >= {low} (got {value})" for name, (value, low) in at_least.items() if value < low]
+        if not self.min_body_rate >= 0:
+            problems.append(f"min body rate must be >= 0 bytes/s (got {self.min_body_rate})")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "graceful_timeout_s"):
             if not getattr(self, name) > 0:
                 label = name.removesuffix("_s").replace("_", " ")

@@ -9,17 +9,24 @@ a subclass that bounds each of these the way nginx does (``large_client_header_b
 - request line and headers over ``max_header_bytes``: 431, connection closed;
 - headers not complete ``header_timeout_s`` after a request's first byte (or after the connection
   opened): 408, closed (a connection that sent nothing is just closed);
-- a body that receives no data for ``body_timeout_s``: 408, closed, and the application sees a
-  disconnect (``scope["fpt.closed"]`` names why). Time when the server itself paused reading (flow
-  control) does not count against the client;
+- a body that receives no data for ``body_timeout_s``, or fewer than ``min_body_rate`` bytes a
+  second over a whole window of ``body_timeout_s`` (a trickle that keeps the connection alive): 408,
+  closed, and the application sees a disconnect (``scope["fpt.closed"]`` names why). Time when the
+  server itself paused reading (flow control, a pipelined request waiting its turn) does not count
+  against the client;
 - on shutdown, connections mid-headers are closed, and uploads get ``SHUTDOWN_BODY_IDLE_S`` between
   bytes instead of ``body_timeout_s``: a stalled upload is dropped at once, a flowing one finishes.
 
 Each closing is reported to ``on_close(reason)`` (the server counts them in /metrics).
 
+The header limit counts the bytes of the current request only: when one read holds the end of a
+request and the start of the next (pipelining, or a client's writes coalesced), the next request's
+header bytes are those parsed after the first one ended, never the whole read.
+
 Bodies are bounded by the application: ``read_body`` refuses one over its route's limit from its
-Content-Length before reading it (413), and takes its bytes from the server-wide ``BodyBudget``
-(503 beyond it); ``read_json_body`` adds the JSON depth and number-length limits. Every route that
+Content-Length before reading it (413), and takes the bytes it actually holds from the server-wide
+``BodyBudget`` as they arrive (503 beyond it), so a declared length alone reserves nothing;
+``read_json_body`` adds UTF-8 and the JSON depth and number-length limits. Every route that
 reads a body (``infer``, the extensions) goes through them.
 """
 
@@ -40,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 # During shutdown an upload may go this long without data before it is dropped.
 SHUTDOWN_BODY_IDLE_S = 1.0
 CLOSED_SCOPE_KEY = "fpt.closed"  # set in a request's ASGI scope when the server closed its connection
+BODY_CLOSINGS = ("body_timeout", "body_too_slow")  # reasons a connection is closed mid-body
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +55,7 @@ class ConnectionLimits:
     max_header_bytes: int = 16 << 10
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
+    min_body_rate: float = 1024.0  # bytes/s over each body_timeout_s window of an unfinished body; 0: none
 
 
 class _Refused(Exception):
@@ -77,6 +86,13 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_idle = self.limits.body_timeout_s
         self._refused = False
         self._bytes_seen = False
+        # header bytes: counted from the raw reads, unless the request began after another ended in one read
+        self._count_raw_header_bytes = True
+        self._completed_in_read = False
+        # the minimum body rate: bytes received in the current window, and whether reading paused in it
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._window_paused = False
 
     # -- timers --------------------------------------------------------------------------------------
 
@@ -94,19 +110,41 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._phase == "body":
-            idle = time.monotonic() - self._last_data
-            if self.flow.read_paused and not self.cycle.response_complete:
-                self._last_data = time.monotonic()  # the server stopped reading, not the client
-                idle = 0.0
-            if idle < self._body_idle:
-                self._arm(self._body_idle - idle)
-                return
-            self._refuse(408, "body_timeout", f"no request body data for {self._body_idle:g} s; connection closed")
+            self._check_body()
         elif self._phase == "headers" or self._bytes_seen:
             self._refuse(408, "header_timeout", f"the request headers took over {self.limits.header_timeout_s:g} s")
         else:  # connected and never sent a byte
             self.on_close("idle_timeout")
             self.transport.close()
+
+    def _check_body(self) -> None:
+        """The body's idle and rate limits, on its timer; re-armed for the earlier of the two next checks."""
+        now = time.monotonic()
+        if self.flow.read_paused and self.cycle is not None and not self.cycle.response_complete:
+            self._last_data = now  # the server stopped reading, not the client
+            self._new_window(now)
+        if now - self._last_data >= self._body_idle:
+            self._refuse(408, "body_timeout", f"no request body data for {self._body_idle:g} s; connection closed")
+            return
+        window = self.limits.body_timeout_s
+        if self.limits.min_body_rate > 0 and now - self._window_start >= window:
+            rate = self._window_bytes / (now - self._window_start)
+            if rate < self.limits.min_body_rate and not self._window_paused:
+                self._refuse(
+                    408,
+                    "body_too_slow",
+                    f"the request body arrived at {rate:.0f} bytes/s over {window:g} s, under the minimum of "
+                    f"{self.limits.min_body_rate:g} bytes/s; connection closed",
+                )
+                return
+            self._new_window(now)
+        next_check = self._last_data + self._body_idle
+        if self.limits.min_body_rate > 0:
+            next_check = min(next_check, self._window_start + window)
+        self._arm(max(next_check - now, 0.0))
+
+    def _new_window(self, now: float) -> None:
+        self._window_start, self._window_bytes, self._window_paused = now, 0, self.flow.read_paused
 
     # -- refusing ------------------------------------------------------------------------------------
 
@@ -115,7 +153,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         self._disarm()
         self.on_close(reason)
-        if reason != "body_timeout":  # the application logs that one, with its request id
+        if reason not in BODY_CLOSINGS:  # the application logs those, with its request id
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             self.logger.warning("connection from %s closed with %d (%s)", client, status, reason)
         cycle = self.cycle
@@ -153,6 +191,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._bytes_seen = True
         if self._phase == "body":
             self._last_data = time.monotonic()
+        self._completed_in_read = False
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -169,28 +208,43 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         if self._phase == "headers" and not self._refused:
-            self._header_bytes += len(data)
+            if self._count_raw_header_bytes:  # the request began at or before this read's first byte
+                self._header_bytes += len(data)
+            else:  # it began after another request ended in this read: what was parsed of it so far
+                self._header_bytes = self._parsed_header_bytes()
+                self._count_raw_header_bytes = True  # its next reads are its own
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "header_too_large", self._header_message(self._header_bytes))
+
+    def _parsed_header_bytes(self) -> int:
+        return len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase, self._header_bytes = "headers", 0
+        self._count_raw_header_bytes = not self._completed_in_read
         if self._timer is None:  # a keep-alive connection's next request: its headers' clock starts now
             self._arm(self.limits.header_timeout_s)
 
     def on_headers_complete(self) -> None:
-        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        size = self._parsed_header_bytes()
         if size > self.limits.max_header_bytes:
             self._refuse(431, "header_too_large", self._header_message(size))
             raise _Refused
-        super().on_headers_complete()
+        super().on_headers_complete()  # a pipelined request pauses reading here until its turn
         self._phase, self._last_data = "body", time.monotonic()
-        self._arm(self._body_idle)
+        self._new_window(self._last_data)
+        self._check_body()
+
+    def on_body(self, body: bytes) -> None:
+        self._window_bytes += len(body)
+        super().on_body(body)
+        self._window_paused |= self.flow.read_paused
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._phase = "idle"
+        self._completed_in_read = True
         self._disarm()
 
     def shutdown(self) -> None:
@@ -212,8 +266,8 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 class BodyBudget:
     """Request body bytes held across all connections, bounded: beyond ``limit`` a request gets 503.
 
-    Used on the event loop only. A body with a Content-Length reserves it whole before its first byte
-    is read; a chunked body reserves as its bytes arrive.
+    Used on the event loop only. Holders take the bytes they hold as they come to hold them (a body as
+    its bytes arrive, never its declared length up front) and give them back when they let them go.
     """
 
     def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
@@ -235,10 +289,12 @@ class BodyBudget:
 
 
 async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytearray, int]:
-    """(body, bytes reserved in ``budget``): 413 from Content-Length before reading, or once over ``limit``.
+    """(body, bytes taken from ``budget``): 413 from Content-Length before reading, or once over ``limit``.
 
-    The caller gives the reserved bytes back (``budget.give``) once it no longer holds the body, also
-    when this raises: the reservation so far is then in the error's ``reserved`` attribute.
+    The bytes are taken as they arrive: a client that declares a large body and sends it slowly holds
+    only what it sent (and the protocol drops it below the minimum rate). The caller gives the bytes
+    back (``budget.give``) once it no longer holds the body, also when this raises: what was taken so
+    far is then in the error's ``reserved`` attribute.
     """
     declared = request.headers.get("content-length")
     reserved = 0
@@ -248,16 +304,13 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[b
                 raise MalformedRequestError(f"Content-Length must be an integer, got {declared[:40]!r}")
             if int(declared) > limit:
                 raise RequestTooLargeError(f"the request body has {declared} bytes; the limit is {limit}")
-            budget.take(int(declared))
-            reserved = int(declared)
         body = bytearray()
         async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:  # chunked (a declared length was checked above)
+                raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes")
+            budget.take(len(chunk))
+            reserved += len(chunk)
             body += chunk
-            if len(body) > reserved:  # chunked, or more than declared
-                if len(body) > limit:
-                    raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes")
-                budget.take(len(body) - reserved)
-                reserved = len(body)
         return body, reserved
     except BaseException as e:
         e.reserved = reserved

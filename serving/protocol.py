@@ -212,12 +212,36 @@ def scan_json(text: bytes, limits: JsonLimits) -> None:
             raise _bad(f"a number in the request has more than {limits.max_number_chars} characters")
 
 
+def utf8_text(text: bytes) -> str:
+    """``text`` decoded as UTF-8, the only encoding of exchanged JSON (RFC 8259 section 8.1); else 400.
+
+    ``json.loads`` would guess UTF-16 or UTF-32 from the first bytes, while the byte scans of
+    ``scan_json`` and the boolean check read UTF-8: every transport decodes here first, so the parser
+    and the scans see the same text. JSON never holds a NUL byte (control characters in strings are
+    escaped), while UTF-16 and UTF-32 text of ASCII characters is full of them.
+    """
+    if b"\0" in text:
+        raise _bad(
+            "the request JSON must be UTF-8 (RFC 8259); it holds NUL bytes, as UTF-16 or UTF-32 text does: "
+            "send it as UTF-8"
+        )
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(
+            f"the request JSON must be UTF-8 (RFC 8259); byte {e.start} ({text[e.start : e.start + 1]!r}) "
+            "starts no UTF-8 character: send it as UTF-8"
+        ) from None
+
+
 def parse_json(text: bytes, limits: JsonLimits) -> tuple[object, bool]:
-    """(document, whether it may hold booleans) of ``text``, parsed under ``limits``; 400 if it is not JSON."""
+    """(document, whether it may hold booleans) of ``text``, parsed under ``limits``; 400 if it is not
+    UTF-8 JSON."""
+    decoded = utf8_text(text)
     scan_json(text, limits)
     try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = json.loads(decoded)
+    except json.JSONDecodeError as e:
         raise _bad(f"the request header is not valid JSON ({e})") from None
     except (RecursionError, ValueError) as e:  # guarded by the scan; kept so no parser limit becomes a 500
         raise _bad(f"the request header is not acceptable JSON ({type(e).__name__})") from None

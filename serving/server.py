@@ -17,7 +17,8 @@ short ``{"error": message}`` naming the field, and logs one warning line with th
     400  malformed JSON or binary data, inputs that do not match the model (protocol.py), JSON nested
          deeper than ``json_max_depth`` or with a number longer than ``json_max_number_chars``
     404  unknown model or version
-    408  headers not complete within ``header_timeout_s``, or a body idle for ``body_timeout_s``
+    408  headers not complete within ``header_timeout_s``, or a body idle for ``body_timeout_s`` or
+         slower than ``min_body_rate`` bytes/s over ``body_timeout_s``
     413  a body over ``max_body_bytes``, or over the largest valid request for this model (its
          shape times ``max_batch_size``): refused from Content-Length before any byte is read
     431  request line and headers over ``max_header_bytes``
@@ -371,6 +372,7 @@ def uvicorn_config(app, config: ServeConfig, on_close=lambda reason: None):
         max_header_bytes=config.max_header_bytes,
         header_timeout_s=config.header_timeout_s,
         body_timeout_s=config.body_timeout_s,
+        min_body_rate=config.min_body_rate,
     )
     return uvicorn.Config(
         app,

@@ -6,8 +6,14 @@ when nothing applies or the rewrite fails (a slower server, never a broken one).
 and its ``key`` (rewrite version, library versions), with a JSON record beside each. When that folder
 cannot be written (a read-only repository), the user's cache folder (``$XDG_CACHE_HOME/fpt-deploy``,
 default ``~/.cache/fpt-deploy``) is used, and when that fails too, a temporary file that lives only
-while the context is open. Every file is written atomically (``fpt_deploy.atomic``); a record whose
-copy is missing or does not match its checksum is rebuilt.
+while the context is open. Every file is written atomically (a temporary file renamed into place);
+a record whose copy is missing or does not match its checksum is rebuilt.
+
+A writer killed mid-rewrite (SIGKILL, a power cut) leaves its temporary copy behind, as large as the
+backbone. Each copy's temporary file names its writer (``.<copy>.<random>.pid<pid>@<host>.tmp``), and
+every ``cached_rewrite`` first removes the temporary files of its cache folders whose writer is gone:
+a process of this host that no longer runs, or, for another host's files and unnamed ones, any not
+modified for ``STALE_TEMP_S``. A live writer's file (another server starting beside this one) is kept.
 
 Outcomes that depend only on the inputs are remembered too: "nothing to rewrite" and "refused by the
 parity check" are recorded without a copy, so they are not retried on every start; a rewrite that
@@ -20,19 +26,26 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fpt_deploy.artifacts import sha256_file
-from fpt_deploy.atomic import atomic_path, write_text
+from fpt_deploy.atomic import write_text
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".cache"  # beside the source file
 RECORD_FORMAT = "fpt-deploy-rewrite/1"
+# A temporary file not modified for this long has no writer: a rewrite runs at most 15 minutes
+# (ort_rewrite's child timeout), and its parity check follows right after it writes the copy.
+STALE_TEMP_S = 3600.0
+_WRITER = re.compile(r"\.pid(\d+)@([A-Za-z0-9._-]+)\.tmp$")
 
 
 class RewriteRefused(Exception):
@@ -96,11 +109,77 @@ def _read(slot: _Slot, source_sha256: str, rewrite: Rewrite) -> dict | None:
     return record
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+@contextmanager
+def _writer_temp(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that names this process; on success it replaces ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".pid{os.getpid()}@{_host()}.tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the copy the permissions open() would
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _writer_gone(path: Path, now: float) -> bool:
+    """Whether the temporary file ``path`` was left by a writer that no longer runs."""
+    try:
+        if now - path.stat().st_mtime > STALE_TEMP_S:
+            return True
+    except FileNotFoundError:
+        return False  # its writer just renamed or removed it
+    m = _WRITER.search(path.name)
+    if m is None or m[2] != _host():
+        return False  # unnamed (a record's) or another host's: only its age tells
+    pid = int(m[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove the temporary files in ``folder`` whose writer is gone (see the module); how many."""
+    now, removed, freed = time.time(), 0, 0
+    try:
+        candidates = list(folder.glob(".*.tmp"))
+    except OSError:
+        return 0
+    for path in candidates:
+        if not _writer_gone(path, now):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove (a read-only folder)
+        removed, freed = removed + 1, freed + size
+    if removed:
+        log.info("removed %d temporary file(s) (%.1f MB) left by stopped rewrites in %s", removed, freed / 1e6, folder)
+    return removed
+
+
 def _write(slot: _Slot, source: Path, source_sha256: str, rewrite: Rewrite) -> dict:
     """Run the rewrite into ``slot``; the record written. OSError when the slot's folder is not writable."""
     record = {"format": RECORD_FORMAT, "source": source.name, "source_sha256": source_sha256, "key": rewrite.key}
     try:
-        with atomic_path(slot.copy) as tmp:
+        with _writer_temp(slot.copy) as tmp:
             try:
                 changes = rewrite.apply(source, tmp)
             except RewriteRefused as e:
@@ -144,6 +223,9 @@ def cached_rewrite(source: Path, rewrite: Rewrite) -> Iterator[Path]:
         return
     key = _cache_key(source_sha256, rewrite)
     slots = [_Slot.beside(source, rewrite, key), _Slot.in_user_cache(rewrite, key)]
+    for slot in slots:
+        if slot.copy.parent.is_dir():
+            remove_stale_temps(slot.copy.parent)
     for slot in slots:
         record = _read(slot, source_sha256, rewrite)
         if record is not None:

@@ -20,15 +20,20 @@ by the source's sha256 and ``REWRITE_VERSION``, so a server start does this once
 
 A real backbone is rewritten in a child process (``python -m fpt_deploy.serving.runtimes.ort_rewrite
 SRC DST``): in the server's own process the rewriter's freed memory stays resident. Graphs under
-``IN_PROCESS_BYTES`` (test models) are rewritten in-process.
+``IN_PROCESS_BYTES`` (test models) are rewritten in-process. The child stops, removing what it wrote,
+when its parent dies (a server killed mid-start): nobody would read its copy, and the next start's
+own rewrite should not compete with it for memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -45,6 +50,7 @@ REWRITE_VERSION = 2  # bump whenever the rewrite's output changes: cached copies
 IN_PROCESS_BYTES = 2**20  # smaller graphs (test models) are rewritten in this process: no child start-up
 PARITY_ATOL = 1e-3  # |rewritten - portable| allowed on the parity batch, scaled by max(1, max |portable|)
 _NOTHING_TO_REWRITE, _REFUSED = 3, 4  # the child's exit statuses besides 0 (rewritten) and 1 (failed)
+PARENT_CHECK_S = 1.0  # how often the child checks that the process that started it still runs
 
 
 def rewrite_key() -> str:
@@ -303,5 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_with_parent(target: Path) -> None:
+    """Exit (removing ``target``, the parent's temporary file) as soon as the parent process is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        target.unlink(missing_ok=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fpt-rewrite-parent", daemon=True).start()
+
+
 if __name__ == "__main__":
+    _exit_with_parent(Path(sys.argv[-1]))  # the child of ``_rewrite_in_child``: SRC DST
     sys.exit(main())

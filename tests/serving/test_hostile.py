@@ -117,8 +117,9 @@ class Server:
         status, body = self.request("GET", "/metrics")
         assert status == 200
         total = 0.0
+        prefixes = (name,) if "{" in name else (name + " ", name + "{")  # a name, or a name and labels
         for line in body.decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith(prefixes):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -238,7 +239,7 @@ BAD_BODIES = [
     ("null-data", VEC, tensor_json(data=[None] * 12), {}, 400, "must be numbers"),
     ("ragged", VEC, tensor_json(shape=(1, 4, 3), data=[[1, 2, 3]] * 3 + [[1, 2]]), {}, 400, "not a regular array"),
     ("truncated-json", VEC, GOOD[: len(GOOD) // 2], {}, 400, "not valid JSON"),
-    ("not-utf8", VEC, b'{"inputs": "\xff\xfe"}', {}, 400, "not valid JSON"),
+    ("not-utf8", VEC, b'{"inputs": "\xff\xfe"}', {}, 400, "must be UTF-8"),
     ("id-not-string", VEC, tensor_json(id=7), {}, 400, "'id' must be a string"),
     ("binary-header-garbage", VEC, GOOD, {"Inference-Header-Content-Length": "-5"}, 400, "must be an integer"),
     ("binary-header-unicode-digit", VEC, GOOD, {"Inference-Header-Content-Length": "\u00b2"}, 400, "an integer"),
@@ -327,15 +328,15 @@ def test_unfinished_headers_and_silent_connections_closed(server):
 
 
 def test_buffered_bytes_are_bounded_across_connections(server):
-    """Two stalled 20 KB uploads hold the 48 KB budget's room; a third body is refused with 503."""
+    """Two stalled uploads that sent 20 KB each hold the 48 KB budget's room; a third body is refused with 503."""
     stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
     try:
         for s in stalled:
-            s.sendall(post_head(VEC, 20_000) + b" " * 1000)
-        for _ in range(200):  # until both reservations are held
+            s.sendall(post_head(VEC, 20_500) + b" " * 20_000)
+        for _ in range(200):  # until both bodies are held
             if server.metric("fpt_request_bytes_buffered") >= 40_000:
                 break
-        status, answer, closed = raw_exchange(server.port, post_head(VEC, 20_000) + b" " * 100)
+        status, answer, closed = raw_exchange(server.port, post_head(VEC, 20_000) + b" " * 20_000)
         assert status == 503 and closed
         assert b"retry later" in answer
         for s in stalled:  # the stalled ones are then closed by the body timeout, and their bytes given back
@@ -411,6 +412,127 @@ def test_sigterm_finishes_within_grace_with_a_stalled_upload(synthetic_repo, tmp
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """``body`` with spaces after its JSON up to ``size`` bytes: the same request, a larger body."""
+    return body + b" " * (size - len(body))
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, response.read()
+
+
+def test_slow_uploads_hold_only_what_they_sent_and_are_dropped_below_the_minimum_rate(server):
+    """Three uploads declare 20 KB each (60 KB: more than the 48 KB budget) and trickle a byte every 0.1 s.
+
+    Declared lengths reserve nothing: good requests, one of 9 KB too, get 200 while they trickle. Each
+    trickle gets 408 once a body-timeout window passes below the minimum rate (1024 bytes/s), although
+    it never goes the 0.5 s body timeout without data.
+    """
+    import select
+
+    before = server.metric('fpt_connections_closed_total{reason="body_too_slow"')
+    tricklers = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+    answers: dict[socket.socket, bytes] = {}
+    try:
+        for s in tricklers:
+            s.sendall(post_head(VEC, 20_000) + b"{")
+        statuses = [server.request("POST", VEC, body)[0] for body in (GOOD, padded(GOOD, 9_000), GOOD)]
+        assert statuses == [200, 200, 200]
+        for _ in range(50):  # at most 5 s of trickling
+            readable, _, _ = select.select([s for s in tricklers if s not in answers], [], [], 0.1)
+            for s in readable:
+                answers[s] = s.recv(65536)
+            if len(answers) == len(tricklers):
+                break
+            for s in tricklers:
+                if s not in answers:
+                    s.sendall(b" ")
+        assert len(answers) == len(tricklers), "a trickle below the minimum rate was never dropped"
+        for answer in answers.values():
+            assert answer.startswith(b"HTTP/1.1 408") and b"bytes/s" in answer, answer
+    finally:
+        for s in tricklers:
+            s.close()
+    assert server.metric('fpt_connections_closed_total{reason="body_too_slow"') == before + 3
+    assert server.metric("fpt_request_bytes_buffered") == 0
+    assert_unharmed(server)
+
+
+def test_pipelined_bytes_of_the_next_request_are_not_this_requests_header(server):
+    """A 10 KB request (5x the header limit) and the start of the next in one write: both answered."""
+    first = post_head(VEC, 10_000) + padded(GOOD, 10_000)
+    second = post_head(VEC, len(GOOD)) + GOOD
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(first + second[:10])
+        status, answer = read_response(s)
+        assert status == 200, answer
+        assert json.loads(answer)["outputs"] == server.reference
+        s.sendall(second[10:] + first + second + second[:40])  # two whole requests and a third begun
+        for _ in range(3):
+            if _ == 2:
+                s.sendall(second[40:])
+            status, answer = read_response(s)
+            assert status == 200, answer
+            assert json.loads(answer)["outputs"] == server.reference
+    assert_unharmed(server)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+def test_json_in_another_encoding_than_utf8_is_refused(server, encoding):
+    """The byte scans and the boolean check read UTF-8: a UTF-16 body could slip ``true`` into INT64 data."""
+    body = tensor_json(datatype="INT64", shape=(1, 6), data=[True, 1, 1, 1, 1, 1]).decode().encode(encoding)
+    status, answer = server.request("POST", TOK, body)
+    assert status == 400, answer
+    assert "must be UTF-8" in json.loads(answer)["error"]
+    status, answer = server.request("POST", VEC, GOOD.decode().encode(encoding))
+    assert status == 400 and "must be UTF-8" in json.loads(answer)["error"]
+    assert_unharmed(server)
+
+
+KILLED_REWRITE = """
+import sys, time
+from pathlib import Path
+from fpt_deploy.serving.runtimes.cache import Rewrite, cached_rewrite
+
+def slow(source, target):
+    target.write_bytes(source.read_bytes())
+    time.sleep(60)  # SIGKILLed here, its copy written
+
+with cached_rewrite(Path(sys.argv[1]), Rewrite(name="ort", key="k", apply=slow)):
+    pass
+"""
+
+
+def test_temp_files_of_a_rewrite_killed_mid_start_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    source = tmp_path / "backbones" / "0123" / "backbone.onnx"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(np.random.default_rng(0).bytes(100_000))
+    cache = source.parent / ".cache"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_REWRITE, str(source)], cwd=Path(__file__).parents[2])
+    try:
+        for _ in range(3000):  # until the child has written its whole copy (at most 30 s)
+            if [p for p in cache.glob(".*.tmp") if p.stat().st_size == 100_000] or child.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert len(list(cache.glob(".*.tmp"))) == 1  # left behind by the killed start
+
+    from fpt_deploy.serving.runtimes.cache import Rewrite, cached_rewrite
+
+    def fast(source, target):
+        target.write_bytes(b"rewritten")
+        return {"copied": 1}
+
+    with cached_rewrite(source, Rewrite(name="ort", key="k", apply=fast)) as graph:
+        assert graph.read_bytes() == b"rewritten"
+    assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".tmp")) == []
 
 
 # -- in-process: the queue bound in rows, the OpenAPI document, the decode path itself -------------------
@@ -590,6 +712,7 @@ def test_json_bodies_of_extension_routes_are_bounded_too():
     assert client.post("/ext", content=b"{" + b" " * 2000 + b"}").status_code == 413
     assert client.post("/ext", content=b'{"a": ' + deep(20).encode() + b"}").status_code == 400
     assert client.post("/ext", content=b"[1]").status_code == 400
+    assert "must be UTF-8" in client.post("/ext", content='{"ready": true}'.encode("utf-16")).json()["error"]
     assert budget.held == 0  # every reservation given back
 
 

@@ -295,3 +295,84 @@ def test_parity_feeds_fit_any_graph_not_only_a_backbone():
     feeds = parity_feeds(session, rows=3)
     assert feeds["input"].dtype == np.uint8 and feeds["input"].shape == (3, 28, 28)
     assert session.run(None, feeds)[0].shape == (3, 28, 28)
+
+
+def test_only_temp_files_whose_writer_is_gone_are_removed(tmp_path):
+    """A live writer's temp file (this process, or a fresh one of another host) stays; a dead one's goes."""
+    import subprocess
+    import sys
+    import time
+
+    host = cache._host()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        f".backbone.onnx.ort-1.onnx.a.pid{os.getpid()}@{host}.tmp": True,  # this process: a live writer
+        f".backbone.onnx.ort-1.onnx.b.pid{dead.pid}@{host}.tmp": False,  # exited
+        f".backbone.onnx.ort-1.onnx.c.pid{dead.pid}@other-host.tmp": True,  # another host's, fresh
+        ".backbone.onnx.ort-1.json.d.tmp": True,  # unnamed (a record's), fresh
+        ".backbone.onnx.ort-1.json.e.tmp": False,  # unnamed, untouched for over STALE_TEMP_S
+        "backbone.onnx.ort-1.onnx": True,  # not a temp file
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - cache.STALE_TEMP_S - 60
+    os.utime(tmp_path / ".backbone.onnx.ort-1.json.e.tmp", (old, old))
+    assert cache.remove_stale_temps(tmp_path) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {name for name, kept in names.items() if kept}
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # exited, not yet reaped by init
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_rewrite_child_stops_and_removes_its_copy_when_its_parent_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "copy.tmp"
+    parent = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fpt_deploy.serving.runtimes import ort_rewrite\n"
+        "ort_rewrite.PARENT_CHECK_S = 0.05\n"
+        "ort_rewrite._exit_with_parent(Path(sys.argv[1]))\n"
+        "Path(sys.argv[1]).write_bytes(b'half a copy')\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent, child, str(target)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(proc.stdout.readline())
+    try:
+        for _ in range(3000):  # the child is running and has written (at most 30 s)
+            if target.exists():
+                break
+            time.sleep(0.01)
+        assert target.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for _ in range(1000):  # the child notices within PARENT_CHECK_S (at most 10 s)
+            if not _running(child_pid):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the rewrite child kept running after its parent was killed")
+        assert not target.exists()
+    finally:
+        for pid in (proc.pid, child_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
