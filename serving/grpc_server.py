@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -233,26 +232,11 @@ def _response(task, request_id: str, outputs: list[tuple[str, np.ndarray, bool]]
 # -- the servicer ------------------------------------------------------------------------------------
 
 
-class _SharedBudget:
-    """``budget`` (the HTTP server's ``BodyBudget``) taken and given from gRPC's threads one at a time."""
-
-    def __init__(self, budget) -> None:
-        self.budget, self._lock = budget, threading.Lock()
-
-    def take(self, n: int) -> None:
-        with self._lock:
-            self.budget.take(n)
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self.budget.give(n)
-
-
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``GRPCInferenceService`` over the ``InferenceService``, a repository control and the byte budget."""
 
     def __init__(self, service: InferenceService, control, budget) -> None:
-        self.service, self.control, self.budget = service, control, _SharedBudget(budget)
+        self.service, self.control, self.budget = service, control, budget
 
     def _abort(self, context, error: Exception, what: str):
         """Answer ``error`` as its status's code; one log line (a traceback only for internal errors)."""

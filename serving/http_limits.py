@@ -33,6 +33,7 @@ reads a body (``infer``, the extensions) goes through them.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,26 +267,30 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 class BodyBudget:
     """Request body bytes held across all connections, bounded: beyond ``limit`` a request gets 503.
 
-    Used on the event loop only. Holders take the bytes they hold as they come to hold them (a body as
-    its bytes arrive, never its declared length up front) and give them back when they let them go.
+    Holders take the bytes they hold as they come to hold them (a body as its bytes arrive, never its
+    declared length up front) and give them back when they let them go. The HTTP event loop and gRPC's
+    threads share one budget, so taking and giving hold a lock.
     """
 
     def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
         self.limit, self.held, self._gauge = limit, 0, gauge
+        self._lock = threading.Lock()
 
     def take(self, n: int) -> None:
-        if self.held + n > self.limit:
-            raise ServerBusyError(
-                f"the server holds {self.held} bytes of other requests' bodies (limit {self.limit}); retry later"
-            )
-        self.held += n
-        if self._gauge is not None:
-            self._gauge.set(self.held)
+        with self._lock:
+            if self.held + n > self.limit:
+                raise ServerBusyError(
+                    f"the server holds {self.held} bytes of other requests' bodies (limit {self.limit}); retry later"
+                )
+            self.held += n
+            if self._gauge is not None:
+                self._gauge.set(self.held)
 
     def give(self, n: int) -> None:
-        self.held -= n
-        if self._gauge is not None:
-            self._gauge.set(self.held)
+        with self._lock:
+            self.held -= n
+            if self._gauge is not None:
+                self._gauge.set(self.held)
 
 
 async def read_body(request: Request, limit: int, budget: BodyBudget) -> tuple[bytearray, int]:
