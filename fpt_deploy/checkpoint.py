@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from fpt_deploy.atomic import replace_dir
+from fpt_deploy.backbones.registry import BackboneEntry
 from fpt_deploy.errors import CheckpointError, FingerprintMismatchError
 
 log = logging.getLogger(__name__)
@@ -142,3 +143,12 @@ def body_from_checkpoint(path: str | Path):
     if not model.options.trains_body:
         log.info("%s trained no body weights; its body is backbone %s unchanged", path, config["backbone"])
     return model.body.freeze()
+
+
+CHECKPOINT_BODY = BackboneEntry(
+    name="checkpoint",
+    description="the body a checkpoint ended with (--backbone runs/<run>/best after --train all)",
+    source="a checkpoint folder",
+    loader=body_from_checkpoint,
+    matches=is_checkpoint,
+)

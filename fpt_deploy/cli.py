@@ -113,7 +113,7 @@ def tasks() -> None:
     from fpt_deploy.tasks import list_task_entries
 
     for entry in list_task_entries():
-        t = entry.task
+        t = entry.value
         opts = " ".join(f"{k}={v}" for k, v in t.option_defaults().items())
         typer.echo(f"{t.name:<12} {t.description}  [{entry.origin}]\n{'':<12} options: {opts or '-'}")
 
