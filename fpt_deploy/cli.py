@@ -32,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: option names are never cut on an 80-column terminal
     help="Frozen pretrained transformers: train per-task heads, export once, serve many tasks.",
 )
 log = logging.getLogger("fpt_deploy")
@@ -133,7 +134,7 @@ TASKS_HELP = (
 def train(
     config: Callable[..., TrainConfig],
     task: str | None = typer.Option(
-        None, "--task", "-t", help=field_help(TrainConfig, "task"), show_default=TrainConfig.task
+        None, "--task", "-t", help=f"{field_help(TrainConfig, 'task')}  [default: {TrainConfig.task}]"
     ),
     tasks: str | None = typer.Option(None, "--tasks", help=TASKS_HELP),
     option: list[str] | None = typer.Option(None, "--option", "-o", help=OPTION_HELP),

@@ -165,9 +165,11 @@ def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
     if not required:
         shown = field_default(config_cls, f.name)
         if isinstance(shown, bool):
-            kwargs["show_default"] = decls[0].lstrip("-") if shown else "no-" + decls[0].lstrip("-")
-        elif shown not in (None, [], ()):
-            kwargs["show_default"] = ", ".join(map(str, shown)) if isinstance(shown, (list, tuple)) else str(shown)
+            shown = decls[0].lstrip("-") if shown else "no-" + decls[0].lstrip("-")
+        elif isinstance(shown, (list, tuple)):
+            shown = ", ".join(map(str, shown))
+        if shown not in (None, ""):
+            kwargs["help"] = f"{meta['help']}  [default: {shown}]"
     container = typing.get_origin(base) if typing.get_origin(base) in (list, tuple) else None
     repeatable = container is not None
     if container is tuple and typing.get_args(base)[1:] != (Ellipsis,):
