@@ -27,7 +27,7 @@ PACKAGE_DIRS = {
     "export": "fpt_deploy.export",
     "serving": "fpt_deploy.serving",
 }
-TOP = ("fpt_deploy.cli", "fpt_deploy.demo")  # the top layer: nothing below may import these
+TOP = ("fpt_deploy.cli", "fpt_deploy.demo", "fpt_deploy.api")  # the top layer: nothing below may import these
 LAYER_OF = {"core": 0, "fpt_deploy.training": 1, "fpt_deploy.export": 1, "fpt_deploy.serving": 1, "top": 2}
 
 
