@@ -61,7 +61,7 @@ class Client:
         x = np.asarray(inputs)
         want = np.dtype(triton_to_np_dtype(spec["datatype"]))
         if x.dtype != want:
-            if not np.can_cast(x.dtype, want, casting="same_kind"):
+            if not _fits(x, want):
                 raise ConfigError(f"task {task!r} takes {want} input ({spec['datatype']}); got {x.dtype}")
             x = x.astype(want)
         tensor = self._http.InferInput(spec["name"], list(x.shape), spec["datatype"])
@@ -70,3 +70,11 @@ class Client:
         requested = [self._http.InferRequestedOutput(n, binary_data=True) for n in names]
         result = self._client.infer(task, [tensor], outputs=requested)
         return {n: result.as_numpy(n) for n in names}
+
+
+def _fits(x: np.ndarray, want: np.dtype) -> bool:
+    """Whether ``x`` casts to ``want`` without changing a value: integers in range, or a same-kind cast."""
+    if x.dtype.kind in "biu" and want.kind in "iu":
+        info = np.iinfo(want)
+        return x.size == 0 or (info.min <= x.min() and x.max() <= info.max)
+    return bool(np.can_cast(x.dtype, want, casting="same_kind"))
