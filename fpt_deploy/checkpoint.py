@@ -95,7 +95,8 @@ def load_checkpoint(path: str | Path, backbone: str | None = None, device: str =
     from safetensors.torch import load_file
 
     from fpt_deploy.backbones import load_backbone
-    from fpt_deploy.model import FPT, ModelOptions
+    from fpt_deploy.model import FPT
+    from fpt_deploy.model_options import ModelOptions
     from fpt_deploy.tasks import get_task
 
     path = resolve_checkpoint(path)

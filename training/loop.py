@@ -47,7 +47,8 @@ from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
 from fpt_deploy.cpu import warn_if_bf16_emulated
 from fpt_deploy.errors import CheckpointError
-from fpt_deploy.model import FPT, ModelOptions
+from fpt_deploy.model import FPT
+from fpt_deploy.model_options import ModelOptions
 from fpt_deploy.tasks import get_task
 
 log = logging.getLogger(__name__)
