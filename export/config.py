@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from fpt_deploy.choices import choice_problems
+from fpt_deploy.data_fields import data_dir_field, download_field
 from fpt_deploy.errors import collect
 
 MIN_OPSET = 17  # LayerNormalization is a standard op from opset 17 (docs/architecture.md, "The body contract")
@@ -53,10 +54,8 @@ class ExportConfig:
     validation_rows: int = field(
         default=256, metadata={"help": "Held-out rows per task for the ONNX Runtime vs PyTorch check."}
     )
-    data_dir: Path | None = field(
-        default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10) for validation."}
-    )
-    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
+    data_dir: Path | None = data_dir_field()
+    download: bool = download_field()
 
     def __post_init__(self) -> None:
         self.tasks = [t.strip() for item in self.tasks for t in item.split(",") if t.strip()]

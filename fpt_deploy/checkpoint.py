@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from fpt_deploy.atomic import replace_dir
+from fpt_deploy.backbones.registry import BackboneEntry
 from fpt_deploy.errors import CheckpointError, FingerprintMismatchError
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def load_checkpoint(path: str | Path, backbone: str | None = None, device: str =
     from safetensors.torch import load_file
 
     from fpt_deploy.backbones import load_backbone
-    from fpt_deploy.model import FPT, ModelOptions
+    from fpt_deploy.model import FPT
+    from fpt_deploy.model_options import ModelOptions
     from fpt_deploy.tasks import get_task
 
     path = resolve_checkpoint(path)
@@ -142,3 +144,12 @@ def body_from_checkpoint(path: str | Path):
     if not model.options.trains_body:
         log.info("%s trained no body weights; its body is backbone %s unchanged", path, config["backbone"])
     return model.body.freeze()
+
+
+CHECKPOINT_BODY = BackboneEntry(
+    name="checkpoint",
+    description="the body a checkpoint ended with (--backbone runs/<run>/best after --train all)",
+    source="a checkpoint folder",
+    loader=body_from_checkpoint,
+    matches=is_checkpoint,
+)

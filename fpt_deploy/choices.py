@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C")
 
 
 def unwrap_optional(hint: Any) -> tuple[Any, bool]:
@@ -58,3 +60,14 @@ def choice_problems(config: Any) -> list[str]:
             got = ", ".join(repr(v) for v in bad)
             problems.append(f"{name} must be one of {', '.join(map(str, choices))} (got {got})")
     return problems
+
+
+def config_from(cls: type[C], config: C | None, fields: dict[str, Any]) -> C:
+    """``config`` itself, or a ``cls`` built from ``fields`` (the Python API takes one or the other)."""
+    if config is not None and fields:
+        raise TypeError(f"pass a {cls.__name__} or its fields as keywords, not both")
+    if config is None:
+        return cls(**fields)
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    return config

@@ -1,4 +1,5 @@
-"""The ``fpt-deploy`` command line. Each command builds a config and makes one library call.
+"""The ``fpt-deploy`` command line. Each command builds a config and makes one library call, the
+Python API's (``fpt_deploy/api.py``, docs/api.md): the same function a notebook calls.
 
 A command's options are its config dataclass's fields (``fpt_deploy/cli_options.py``): defaults,
 choices and help are written once, in the dataclass. The config modules import without torch; heavy
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: option names are never cut on an 80-column terminal
     help="Frozen pretrained transformers: train per-task heads, export once, serve many tasks.",
 )
 log = logging.getLogger("fpt_deploy")
@@ -113,7 +115,7 @@ def tasks() -> None:
     from fpt_deploy.tasks import list_task_entries
 
     for entry in list_task_entries():
-        t = entry.task
+        t = entry.value
         opts = " ".join(f"{k}={v}" for k, v in t.option_defaults().items())
         typer.echo(f"{t.name:<12} {t.description}  [{entry.origin}]\n{'':<12} options: {opts or '-'}")
 
@@ -133,7 +135,7 @@ TASKS_HELP = (
 def train(
     config: Callable[..., TrainConfig],
     task: str | None = typer.Option(
-        None, "--task", "-t", help=field_help(TrainConfig, "task"), show_default=TrainConfig.task
+        None, "--task", "-t", help=f"{field_help(TrainConfig, 'task')}  [default: {TrainConfig.task}]"
     ),
     tasks: str | None = typer.Option(None, "--tasks", help=TASKS_HELP),
     option: list[str] | None = typer.Option(None, "--option", "-o", help=OPTION_HELP),
@@ -143,8 +145,9 @@ def train(
     Data-parallel as it is under `torchrun --nproc-per-node N -m fpt_deploy.cli train ...` (rank 0 logs
     and writes the checkpoints); a single process needs no launcher.
     """
+    from fpt_deploy.api import train as run_training
     from fpt_deploy.errors import ConfigError
-    from fpt_deploy.training import multitask_configs, train_multitask
+    from fpt_deploy.training import multitask_configs
     from fpt_deploy.training.multitask import parse_task_list
 
     if task is not None and tasks is not None:
@@ -157,7 +160,7 @@ def train(
     configs = multitask_configs(
         settings, names or [settings.task], option or [], config.keywords.get("out"), per_task_folders=tasks is not None
     )
-    for result in train_multitask(configs):
+    for result in run_training(configs):
         if result.rank == 0:
             typer.echo(
                 f"{result.task}: best validation accuracy {result.best_accuracy:.4f} "
@@ -179,9 +182,9 @@ def train(
 @options_from(EvaluateConfig)
 def evaluate(config: Callable[..., EvaluateConfig]) -> None:
     """Print a checkpoint's accuracy on the test split (no choice saw it), or on its validation split."""
-    from fpt_deploy.training import evaluate_checkpoint
+    from fpt_deploy.api import evaluate as run_evaluation
 
-    r = evaluate_checkpoint(config())
+    r = run_evaluation(config())
     split = {"test": "test", "val": "validation"}[r["split"]]
     typer.echo(
         f"{r['task']}: {split} accuracy {r['accuracy']:.4f} on {r['examples']} {split} examples (loss {r['loss']:.4f})"
@@ -229,7 +232,7 @@ def serve(config: Callable[..., ServeConfig]) -> None:
 
     One body and one dynamic batcher serve all tasks; stop with Ctrl-C (in-flight requests finish).
     """
-    from fpt_deploy.serving import serve as run_server
+    from fpt_deploy.api import serve as run_server
 
     run_server(config())
 
@@ -239,7 +242,7 @@ def serve(config: Callable[..., ServeConfig]) -> None:
 @options_from(PredictConfig)
 def predict(config: Callable[..., PredictConfig]) -> None:
     """Offline batch inference of TASK on the rows of INPUT, through the server's runtime and batcher."""
-    from fpt_deploy.serving import predict as run_predict
+    from fpt_deploy.api import predict as run_predict
 
     typer.echo(run_predict(config()).summary())
 

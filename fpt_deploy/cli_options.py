@@ -24,6 +24,9 @@ Each field becomes ``--field-name`` (underscores as dashes) with the field's typ
 - ``Literal["a", "b"]`` becomes a choice; ``metadata["choices"]`` (a callable returning names) gives
   choices read from a registry when the CLI is built (the runtimes of ``--runtime``);
 - ``list[X]`` and ``tuple[X, ...]`` are repeatable (``--task a --task b``);
+- a field whose type is itself a config dataclass (``TrainConfig.model: ModelOptions``) is flattened:
+  each of its fields is an option of the command under its own name (``--dropout``), and the command
+  builds the nested dataclass from those given (the rest keep its defaults);
 - ``metadata["flags"]`` replaces the declarations (``("--task", "-t")``), ``metadata["aliases"]`` adds
   hidden old spellings (``("--backbone",)``), ``metadata["cli"] = False`` keeps a field off the command
   line (settings only the library sets).
@@ -57,6 +60,7 @@ class _Option:
     """One field as typer sees it."""
 
     field: str  # the config field it fills
+    nested: str | None = None  # the flattened dataclass field that holds ``field`` (None: the config's own)
     param: str  # the Python parameter name of the command
     annotation: Any
     info: typer.models.OptionInfo
@@ -78,7 +82,7 @@ def options_from(
             opt
             for f in dataclasses.fields(config_cls)
             if f.name not in excluded and (wanted is None or f.name in wanted) and f.metadata.get("cli", True)
-            for opt in _options_of(config_cls, f)
+            for opt in _field_options(config_cls, f)
         ]
         signature = inspect.signature(fn)
         if param not in signature.parameters:
@@ -91,13 +95,17 @@ def options_from(
         @functools.wraps(fn)
         def command(**kwargs):
             values: dict[str, Any] = {}
+            nested: dict[str, dict[str, Any]] = {}
             for opt in options:
                 value = kwargs.pop(opt.param)
                 if value is None or (isinstance(value, (list, tuple)) and not value):
                     continue  # not given: the dataclass default applies
                 if opt.container is not None:
                     value = opt.container(v.value if isinstance(v, enum.Enum) else v for v in value)
-                values.setdefault(opt.field, value)
+                (values if opt.nested is None else nested.setdefault(opt.nested, {})).setdefault(opt.field, value)
+            hints = typing.get_type_hints(config_cls)
+            for name, given in nested.items():
+                values[name] = hints[name](**given)
             return fn(**{param: functools.partial(config_cls, **values)}, **kwargs)
 
         parameters = own + [
@@ -129,6 +137,19 @@ def _keyword_only(parameters: list[inspect.Parameter]) -> list[inspect.Parameter
     return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters]
 
 
+def _field_options(config_cls: type, f: dataclasses.Field) -> list[_Option]:
+    """The options of field ``f``: its own, or one per field of a nested config dataclass."""
+    hint = typing.get_type_hints(config_cls)[f.name]
+    if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+        return _options_of(config_cls, f)
+    return [
+        dataclasses.replace(opt, nested=f.name)
+        for inner in dataclasses.fields(hint)
+        if inner.metadata.get("cli", True)
+        for opt in _options_of(hint, inner)
+    ]
+
+
 def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
     """The typer option of field ``f`` and one hidden option per old spelling (``aliases``)."""
     hint = typing.get_type_hints(config_cls)[f.name]
@@ -144,9 +165,11 @@ def _options_of(config_cls: type, f: dataclasses.Field) -> list[_Option]:
     if not required:
         shown = field_default(config_cls, f.name)
         if isinstance(shown, bool):
-            kwargs["show_default"] = decls[0].lstrip("-") if shown else "no-" + decls[0].lstrip("-")
-        elif shown not in (None, [], ()):
-            kwargs["show_default"] = ", ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
+            shown = decls[0].lstrip("-") if shown else "no-" + decls[0].lstrip("-")
+        elif isinstance(shown, (list, tuple)):
+            shown = ", ".join(map(str, shown))
+        if shown not in (None, ""):
+            kwargs["help"] = f"{meta['help']}  [default: {shown}]"
     container = typing.get_origin(base) if typing.get_origin(base) in (list, tuple) else None
     repeatable = container is not None
     if container is tuple and typing.get_args(base)[1:] != (Ellipsis,):
@@ -191,6 +214,21 @@ def _choices(item: Any, meta: typing.Mapping) -> list[str] | None:
 def field_help(config_cls: type, name: str) -> str:
     """The help text a field declares (for a command-only option that fills that field itself)."""
     return next(f for f in dataclasses.fields(config_cls) if f.name == name).metadata["help"]
+
+
+def option_fields(config_cls: type) -> list[str]:
+    """The fields that become options, a nested config dataclass's by their own names (``dropout``)."""
+    out = []
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if not f.metadata.get("cli", True):
+            continue
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out += option_fields(hint)
+        else:
+            out.append(f.name)
+    return out
 
 
 def field_default(config_cls: type, name: str) -> Any:

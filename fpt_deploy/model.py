@@ -13,70 +13,15 @@ own copy with its own fingerprint (docs/architecture.md).
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass, field
-from typing import get_args
 
 import torch
 from torch import nn
 
 from fpt_deploy.backbones.base import Body
-from fpt_deploy.errors import ConfigError, collect
-from fpt_deploy.groups import FPT_GROUPS, TrainGroup, expand_groups, trains_body
+from fpt_deploy.model_options import ModelOptions
 from fpt_deploy.tasks.base import Task, TaskSpec
 
-
-@dataclass(kw_only=True)
-class ModelOptions:
-    """How a task's model is built around the body: what trains, and the reference's other model options.
-
-    A checkpoint stores these (``"model"`` in its config.json), so loading never guesses.
-    """
-
-    train: tuple[str, ...] = field(default=FPT_GROUPS, metadata={"help": "Trained parameter groups."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings, residuals, attention, heads."})
-    input_gain: float = field(default=1.41, metadata={"help": "Orthogonal-init gain of a linear input layer."})
-    input_hidden_layers: int = field(
-        default=0, metadata={"help": "Hidden (D -> D, ReLU) layers after the input layer."}
-    )
-    output_hidden_layers: int = field(default=0, metadata={"help": "Hidden (D -> D, ReLU) layers before the output."})
-
-    def __post_init__(self) -> None:
-        known = get_args(TrainGroup)
-        self.train = tuple(dict.fromkeys(self.train))  # order kept, duplicates dropped
-        problems = [
-            f"unknown trained group {g!r} (choose from {', '.join(known)})" for g in self.train if g not in known
-        ]
-        if not self.train:
-            problems.append("train at least one parameter group")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.input_hidden_layers < 0 or self.output_hidden_layers < 0:
-            problems.append("hidden layer counts must be >= 0")
-        collect(problems)
-
-    @property
-    def groups(self) -> frozenset[str]:
-        """The trained groups with ``all`` expanded."""
-        return expand_groups(self.train)
-
-    @property
-    def trains_body(self) -> bool:
-        return trains_body(self.train)
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "train": list(self.train)}
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> ModelOptions:
-        """Options a checkpoint recorded; a checkpoint from before they existed trained the FPT set."""
-        data = dict(data or {})
-        if "train" in data:
-            data["train"] = tuple(data["train"])
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ConfigError(f"unknown model options in the checkpoint ({e}); upgrade fpt-deploy") from e
+__all__ = ["FPT", "InputHead", "ModelOptions", "OutputHead"]
 
 
 def _hidden_stack(d: int, layers: int, dropout: float, activation_first: bool) -> nn.Sequential:

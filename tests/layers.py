@@ -1,11 +1,14 @@
 """The layers of the code base and which imports which (docs/architecture.md, "Layout").
 
-Run as a script to print each package's imports of the others::
+Run as a script to print each package's imports of the others, the module-level import graph and
+its circles::
 
-    python tests/layers.py
+    python tests/layers.py            # layers and circles
+    python tests/layers.py --graph    # and every module's imports
 
 ``tests/test_layout.py`` asserts that every arrow points down: core <- training / export / serving
-<- cli / demo, and that training, export and serving never import each other.
+<- cli / demo, that training, export and serving never import each other, and that no module imports
+itself through others (a circle), counting imports inside functions too.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ PACKAGE_DIRS = {
     "export": "fpt_deploy.export",
     "serving": "fpt_deploy.serving",
 }
-TOP = ("fpt_deploy.cli", "fpt_deploy.demo")  # the top layer: nothing below may import these
+TOP = ("fpt_deploy.cli", "fpt_deploy.demo", "fpt_deploy.api")  # the top layer: nothing below may import these
 LAYER_OF = {"core": 0, "fpt_deploy.training": 1, "fpt_deploy.export": 1, "fpt_deploy.serving": 1, "top": 2}
 
 
@@ -77,6 +80,56 @@ def imports_of(module: str, path: Path) -> set[str]:
     return {m for m in found if m == "fpt_deploy" or m.startswith("fpt_deploy.")}
 
 
+def module_graph() -> dict[str, set[str]]:
+    """Each project module -> the project modules it imports (``from pkg.mod import name`` counts as pkg.mod)."""
+    modules = project_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for target in imports_of(module, path):
+            if target not in modules and target.rsplit(".", 1)[0] in modules:
+                target = target.rsplit(".", 1)[0]
+            if target in modules and target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import one another, directly or through others (Tarjan's SCCs > 1)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
 def package_edges() -> dict[tuple[str, str], list[str]]:
     """(importing layer, imported layer) -> the modules that make that arrow, for arrows between layers."""
     modules = project_modules()
@@ -111,7 +164,16 @@ def main() -> int:
     print("\nupward or sideways imports:", "none" if not bad else "")
     for line in bad:
         print("  ", line)
-    return 1 if bad else 0
+    graph = module_graph()
+    if "--graph" in sys.argv[1:]:
+        print(f"\nmodule graph ({len(graph)} modules, {sum(map(len, graph.values()))} imports):")
+        for module in sorted(graph):
+            print(f"  {module} -> {', '.join(sorted(graph[module])) or '-'}")
+    found = circles(graph)
+    print("\nimport circles:", "none" if not found else "")
+    for group in found:
+        print("  ", " <-> ".join(group))
+    return 1 if bad or found else 0
 
 
 if __name__ == "__main__":

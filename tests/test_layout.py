@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.layers import PACKAGE_DIRS, ROOT, package_edges, upward
+from tests.layers import PACKAGE_DIRS, ROOT, circles, module_graph, package_edges, upward
 
 SHADOWS = {
     # A user's own files with the generic names our folders had before they were namespaced.
@@ -26,6 +26,15 @@ def test_every_import_points_down_the_layers():
     assert not upward(edges), "imports against the layering:\n" + "\n".join(upward(edges))
     # The check has teeth: the CLI really is above the three packages it calls.
     assert ("top", "fpt_deploy.training") in edges and ("top", "fpt_deploy.serving") in edges
+
+
+def test_no_module_imports_itself_through_others():
+    graph = module_graph()
+    found = circles(graph)
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+    # The check has teeth: the registries are imported by what they register, and a circle is found.
+    assert "fpt_deploy.backbones.registry" in graph["fpt_deploy.checkpoint"]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_pyproject_lists_every_package_and_maps_every_folder():

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Literal
 
 from fpt_deploy.choices import choice_problems
+from fpt_deploy.data_fields import data_dir_field, download_field
 from fpt_deploy.errors import collect
-from fpt_deploy.groups import FPT_GROUPS, TrainGroup
+from fpt_deploy.model_options import ModelOptions
+from fpt_deploy.tasks.recipe import Schedule
 
 Device = Literal["auto", "cpu", "cuda"]
 DistBackend = Literal["auto", "nccl", "gloo"]
-Schedule = Literal["cosine", "constant"]
+
+
+def _device_field():
+    return field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
 
 
 @dataclass(kw_only=True)
@@ -63,7 +68,7 @@ class TrainConfig:
         default=None,
         metadata={"help": "Stop once held-out accuracy reaches this (e.g. 1.0).", "aliases": ("--stop-at",)},
     )
-    device: Device = field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
+    device: Device = _device_field()
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on for CUDA, off on CPU)."})
     dist_backend: DistBackend = field(
         default="auto", metadata={"help": "torch.distributed backend under torchrun: auto = NCCL on GPUs, gloo on CPU."}
@@ -73,26 +78,11 @@ class TrainConfig:
         default=None, metadata={"help": "Run folder (default runs/<task>); the best checkpoint goes to OUT/best."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue the run in OUT from its last saved state."})
-    data_dir: Path | None = field(default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10)."})
-    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
+    data_dir: Path | None = data_dir_field()
+    download: bool = download_field()
     progress: bool = field(default=True, metadata={"cli": False, "help": "Show a progress bar."})
-    # What trains and the reference's other model options (fpt_deploy.model.ModelOptions)
-    train: list[TrainGroup] = field(
-        default_factory=lambda: list(FPT_GROUPS),
-        metadata={
-            "help": "Trained parameter groups, repeatable (default: the paper's FPT set input, positions, norms, "
-            "output); attention/feedforward/all train body weights too: the export then writes that body as "
-            "its own backbone."
-        },
-    )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout in the body and heads while training (0 = off)."})
-    input_gain: float = field(default=1.41, metadata={"help": "Orthogonal-init gain of a linear input layer."})
-    input_hidden_layers: int = field(
-        default=0, metadata={"help": "Hidden D->D ReLU layers after the input layer (not exportable)."}
-    )
-    output_hidden_layers: int = field(
-        default=0, metadata={"help": "Hidden D->D ReLU layers before the output layer (not exportable)."}
-    )
+    # What trains and the reference's other model options: each of its fields is an option of its own
+    model: ModelOptions = field(default_factory=ModelOptions, metadata={"help": "How the model is built."})
     augment: bool = field(
         default=False, metadata={"help": "Image tasks: random crop (4-pixel padding) and horizontal flip."}
     )
@@ -106,6 +96,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = choice_problems(self)
+        if isinstance(self.model, dict):  # from JSON or a plain mapping
+            self.model = ModelOptions(**self.model)
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.steps is not None and self.steps < 1:
@@ -142,9 +134,9 @@ class EvaluateConfig:
     """``fpt-deploy evaluate``: a checkpoint's held-out accuracy."""
 
     checkpoint: Path = field(metadata={"help": "Checkpoint folder (or a run folder: its best checkpoint)."})
-    data_dir: Path | None = field(default=None, metadata={"help": "Data in torchvision's layout (MNIST, CIFAR-10)."})
-    download: bool = field(default=False, metadata={"help": "Allow torchvision to download the data set."})
-    device: Device = field(default="auto", metadata={"help": "auto picks CUDA when a GPU is visible."})
+    data_dir: Path | None = data_dir_field()
+    download: bool = download_field()
+    device: Device = _device_field()
     batch_size: int = field(default=128, metadata={"help": "Examples per forward pass."})
     split: Literal["test", "val"] = field(
         default="test",

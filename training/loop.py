@@ -47,7 +47,8 @@ from fpt_deploy.backbones import load_backbone
 from fpt_deploy.checkpoint import TRAINER_STATE_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint
 from fpt_deploy.cpu import warn_if_bf16_emulated
 from fpt_deploy.errors import CheckpointError
-from fpt_deploy.model import FPT, ModelOptions
+from fpt_deploy.model import FPT
+from fpt_deploy.model_options import ModelOptions
 from fpt_deploy.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class TaskRun:
             check_augmentable(task.spec.input_shape, task.name)
 
         torch.manual_seed(config.seed)  # the heads' init depends on the seed only, not on what ran before
-        self.model = FPT(task, body, model_options(config)).to(self.device)
+        self.model = FPT(task, body, config.model).to(self.device)
         self.trainable, self.total = self.model.parameter_counts()
         log.info(
             "%s trainable parameters: %s of %s (%.3f%%)",
@@ -346,17 +347,6 @@ def carve_validation(
     return (x[train], y[train]), (x[val], y[val])
 
 
-def model_options(config: TrainConfig) -> ModelOptions:
-    """The model options a training config names."""
-    return ModelOptions(
-        train=tuple(config.train),
-        dropout=config.dropout,
-        input_gain=config.input_gain,
-        input_hidden_layers=config.input_hidden_layers,
-        output_hidden_layers=config.output_hidden_layers,
-    )
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune the FPT parameters of ``config.task`` on ``config.backbone``; returns the best accuracy."""
     return run_job([config])[0]
@@ -448,7 +438,10 @@ def _restore(config: TrainConfig, model: FPT, optimizer, device) -> tuple[int, f
 
 
 def _jsonable(config: TrainConfig, skip: tuple[str, ...] = ()) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items() if k not in skip}
+    def plain(v):
+        return str(v) if isinstance(v, Path) else v.to_json() if isinstance(v, ModelOptions) else v
+
+    return {k: plain(v) for k, v in vars(config).items() if k not in skip}
 
 
 def evaluate_checkpoint(config: EvaluateConfig) -> dict:

@@ -291,13 +291,15 @@ def _train_cell(cell: Cell, task_plan: TaskPlan, backbone: str, groups: tuple[st
     import torch
     from fpt_deploy.training import TrainConfig, train
 
+    from fpt_deploy.model_options import ModelOptions
+
     out = config.out / "cells" / cell.folder
     resume = (out / "last" / "trainer_state.pt").is_file()
     train_config = TrainConfig(
         task=cell.task,
         task_options=dict(task_plan.options),
         backbone=backbone,
-        train=list(groups),
+        model=ModelOptions(train=tuple(groups)),
         steps=task_plan.steps,
         batch_size=task_plan.batch_size,
         lr=task_plan.lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from functools import partial
 from pathlib import Path
 
@@ -197,17 +198,20 @@ TINY_GPT2 = BackboneEntry(
     source=CONFIG_ONLY,
     loader=partial(_random, "gpt2", TINY_GPT2_CONFIG),
 )
-BUILTIN_BACKBONES = (
-    MINILM,
-    GPT2,
-    GPT2_MEDIUM,
-    GPT2_LARGE,
-    RANDOM_MINILM,
-    RANDOM_GPT2,
-    RANDOM_GPT2_MEDIUM,
-    RANDOM_GPT2_LARGE,
-    TINY_BERT,
-    TINY_GPT2,
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
+LOCAL_FOLDER = BackboneEntry(
+    name="hf-folder",
+    description="any local folder a BERT or GPT-2 model was saved to with save_pretrained",
+    source="a local folder",
+    loader=lambda name: load_local_folder(Path(name)),
+    matches=lambda name: Path(name).is_dir(),
+)
+HUB_MODEL = BackboneEntry(
+    name="hf-hub",
+    description="a BERT or GPT-2 model by its hub id (org/name)",
+    source=HUB,
+    loader=load_hub_model,
+    matches=lambda name: bool(HUB_ID.match(name)),
 )
 
 

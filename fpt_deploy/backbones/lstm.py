@@ -94,5 +94,6 @@ RANDOM_LSTM = BackboneEntry(
     name="random-lstm",
     description="3-layer LSTM with layer norms, random init, 768 wide (random-lstm-<width> for others)",
     source="config only",
-    loader=random_lstm,
+    loader=load_lstm_by_name,
+    matches=lambda name: (m := NAME.match(name)) is not None and 1 <= int(m.group(1) or DEFAULT_WIDTH) <= 8192,
 )

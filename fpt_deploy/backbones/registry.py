@@ -1,4 +1,4 @@
-"""Backbone registry: a name maps to a loader that returns a frozen ``Body``.
+"""Backbone registry: a name maps to a loader that returns a frozen ``Body`` (``fpt_deploy.plugins.Registry``).
 
 Every backbone is an entry point of the group ``fpt_deploy.backbones`` (fpt-deploy's own are declared
 in pyproject.toml); a plug-in package declares its own the same way::
@@ -6,24 +6,21 @@ in pyproject.toml); a plug-in package declares its own the same way::
     [project.entry-points."fpt_deploy.backbones"]
     my-bert = "my_package.backbones:load_my_bert"   # () -> Body, or a BackboneEntry
 
-``register_backbone`` registers a loader in code as well. Names that are not registered load as a
-local Hugging Face folder or a hub id (``org/name``).
+``register_backbone`` registers a loader in code as well. An entry with ``matches`` stands for a
+family of names (``random-lstm-<width>``, a checkpoint folder, a local Hugging Face folder, a hub id):
+a name that no entry has is offered to those in the order of their names (``checkpoint`` before
+``hf-folder``: a checkpoint is a folder too). Torch-free.
 """
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from fpt_deploy.checkpoint import body_from_checkpoint, is_checkpoint
 from fpt_deploy.errors import UnknownNameError
-from fpt_deploy.plugins import PluginGroup
+from fpt_deploy.plugins import Registry
 
 ENTRY_POINT_GROUP = "fpt_deploy.backbones"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,28 +28,15 @@ class BackboneEntry:
     name: str
     description: str
     source: str  # where its weights come from
-    loader: Callable[[], object]  # () -> Body
+    loader: Callable[..., object]  # () -> Body; (name) -> Body for an entry with ``matches``
+    matches: Callable[[str], bool] | None = None  # the names it loads besides its own
     origin: str = ""  # the package that registered it: "fpt-deploy 0.1.0", "my-plugin 1.0 (plug-in)"
 
-
-_REGISTRY: dict[str, BackboneEntry] = {}
-_CACHE: dict[str, object] = {}
-_PLUGINS = PluginGroup(ENTRY_POINT_GROUP, what="backbone", expects="a loader or a BackboneEntry")
+    def load(self, name: str):
+        return self.loader(name) if self.matches is not None else self.loader()
 
 
-def register_backbone(name: str, description: str, source: str):
-    """Decorator: register ``loader`` under ``name``."""
-
-    def wrap(loader):
-        _REGISTRY[name] = BackboneEntry(
-            name=name, description=description, source=source, loader=loader, origin="registered in code"
-        )
-        return loader
-
-    return wrap
-
-
-def _as_entry(name: str, obj, origin: str) -> BackboneEntry | None:
+def _adopt(name: str, obj: object, origin: str) -> BackboneEntry | None:
     if isinstance(obj, BackboneEntry):
         return replace(obj, name=name, origin=origin)
     if callable(obj):
@@ -63,58 +47,50 @@ def _as_entry(name: str, obj, origin: str) -> BackboneEntry | None:
     return None
 
 
-def _register(name: str, entry: BackboneEntry) -> None:
-    _REGISTRY.setdefault(name, entry)
+BACKBONES: Registry[BackboneEntry] = Registry(
+    ENTRY_POINT_GROUP, what="backbone", expects="a loader or a BackboneEntry", adopt=_adopt
+)
+_CACHE: dict[str, object] = {}
 
 
-def _register_builtin_backbones() -> None:
-    hf = importlib.import_module("fpt_deploy.backbones.hf")
-    for entry in hf.BUILTIN_BACKBONES:
-        _REGISTRY.setdefault(entry.name, replace(entry, origin="fpt-deploy (source tree)"))
+def register_backbone(name: str, description: str, source: str):
+    """Decorator: register ``loader`` under ``name``."""
 
+    def wrap(loader):
+        entry = BackboneEntry(name=name, description=description, source=source, loader=loader)
+        BACKBONES.register(name, entry, origin="registered in code")
+        return loader
 
-def _load_entry_points() -> None:
-    _PLUGINS.load_once(_as_entry, _register, _register_builtin_backbones)
+    return wrap
 
 
 def list_backbones() -> list[BackboneEntry]:
-    _load_entry_points()
-    return list(_REGISTRY.values())
+    return [e.value for e in BACKBONES.entries()]
 
 
-def load_lstm_by_name(name: str):
-    from fpt_deploy.backbones.lstm import load_lstm_by_name
-
-    return load_lstm_by_name(name)
+def _entry_for(name: str) -> BackboneEntry:
+    found = BACKBONES.find(name)
+    if found is not None and (found.value.matches is None or found.value.matches(name)):
+        return found.value
+    for entry in sorted(list_backbones(), key=lambda e: e.name):
+        if entry.matches is not None and entry.matches(name):
+            return entry
+    if name in BACKBONES.broken:
+        raise UnknownNameError(f"backbone {name!r} is unavailable: {BACKBONES.broken[name]}")
+    fixed = ", ".join(sorted(e.name for e in list_backbones() if e.matches is None))
+    raise UnknownNameError(
+        f"unknown backbone {name!r}; choose one of {fixed}, a checkpoint folder, a local Hugging Face model "
+        "folder, or a hub id (org/name)"
+    )
 
 
 def load_backbone(name: str):
-    """The frozen body registered as ``name``, or loaded from a local Hugging Face folder or a hub id.
+    """The frozen body registered as ``name``, or loaded by the family that ``matches`` it.
 
     Bodies are cached per process: training several tasks, or exporting, shares one copy.
     """
-    _load_entry_points()
     if name not in _CACHE:
-        if name in _REGISTRY:
-            body = _REGISTRY[name].loader()
-        elif (lstm := load_lstm_by_name(name)) is not None:  # random-lstm-<width>
-            body = lstm
-        elif is_checkpoint(name):  # a trained body: the paper's Bit-Memory-pretrained start
-            body = body_from_checkpoint(name)
-        elif Path(name).is_dir():
-            from fpt_deploy.backbones.hf import load_local_folder
-
-            body = load_local_folder(Path(name))
-        elif HUB_ID.match(name):
-            from fpt_deploy.backbones.hf import load_hub_model
-
-            body = load_hub_model(name)
-        else:
-            known = ", ".join(sorted(_REGISTRY))
-            raise UnknownNameError(
-                f"unknown backbone {name!r}; choose one of {known}, a local Hugging Face model folder, "
-                "or a hub id (org/name)"
-            )
+        body = _entry_for(name).load(name)
         body.name = name
         _CACHE[name] = body
     return _CACHE[name]

@@ -7,7 +7,6 @@ import numpy as np
 from fpt_deploy.errors import ConfigError
 from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import BitPatches
-from fpt_deploy.tasks.registry import register_task
 
 
 def _split_seed(split: str, seed: int) -> int:
@@ -36,7 +35,6 @@ class _BitTask(Task):
         return BitPatches(self.options["patch"])
 
 
-@register_task
 class BitXor(_BitTask):
     name = "bit-xor"
     description = "element-wise XOR of n-bit strings (two by default), patch bits a token (generated)"
@@ -62,7 +60,6 @@ class BitXor(_BitTask):
         return TaskData(inputs=x, labels=y, source="generated")
 
 
-@register_task
 class BitMemory(_BitTask):
     name = "bit-memory"
     description = "recall one of 5 n-bit strings from a half-masked copy; patch bits a token (generated)"

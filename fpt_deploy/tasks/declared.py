@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from fpt_deploy.errors import ConfigError, DataUnavailableError, TaskDataError
 from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.kinds import InputKind, get_kind, kind_names
 from fpt_deploy.tasks.recipe import Recipe
-from fpt_deploy.tasks.registry import register_task
 from fpt_deploy.tasks.sources import Examples, read_source, stratified_split
 from fpt_deploy.taskspec import parse_option_value
 
@@ -47,7 +47,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FITTED, RECIPE, SPLIT = "fitted", "recipe", "split"  # keys the built task adds to its options
 
 
-@register_task
 class DeclaredTask(Task):
     """A task built from a declaration; ``options`` hold the frozen declaration (see module doc)."""
 
@@ -57,10 +56,13 @@ class DeclaredTask(Task):
     )
     declared_options = COMMON_OPTIONS
 
-    def __init__(self, *, max_positions: int | None = None, **options: Any) -> None:
+    def __init__(
+        self, *, max_positions: int | None = None, name_taken: Callable[[str], bool] | None = None, **options: Any
+    ) -> None:
         """``options``: a declaration (``file=`` a TOML file, and/or the fields), or a frozen one.
 
         ``max_positions``: the backbone's, when known; a task with more tokens is refused.
+        ``name_taken``: whether a registered task has a name (the task registry passes its own).
         """
         if "file" in options:
             from fpt_deploy.tasks.specfile import read_task_file
@@ -70,7 +72,7 @@ class DeclaredTask(Task):
         if FITTED in options:
             self._rebuild(options)
         else:
-            self._declare(options, max_positions)
+            self._declare(options, max_positions, name_taken)
         self.name = self.options["name"]
         self.description = self.options["description"] or f"declared {self.options['kind']} task"
         self.recipe = Recipe.from_mapping(self.options.get(RECIPE, {}))
@@ -134,16 +136,14 @@ class DeclaredTask(Task):
         self.kind = kind
         self.options = {**typed, RECIPE: recipe, SPLIT: options.get(SPLIT, ""), FITTED: options[FITTED]}
 
-    def _declare(self, options: dict, max_positions: int | None) -> None:
+    def _declare(self, options: dict, max_positions: int | None, name_taken: Callable[[str], bool] | None) -> None:
         """Read and check the data, learn the statistics, freeze the declaration."""
         problems: list[str] = []
         o, kind, recipe = self._parse(options, problems)
         if problems:  # options that do not parse: the data cannot be checked against them
             kind = None
         name = o.get("name") or "custom"
-        from fpt_deploy.tasks.registry import is_registered
-
-        if o.get("name") and is_registered(o["name"]):
+        if o.get("name") and name_taken is not None and name_taken(o["name"]):
             problems.append(f"name {o['name']!r} is taken by a registered task; pick another name")
         train = test = None
         split = ""

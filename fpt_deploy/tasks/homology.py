@@ -21,7 +21,6 @@ import numpy as np
 
 from fpt_deploy.errors import DataUnavailableError, TaskDataError
 from fpt_deploy.tasks.base import TaskData, TaskOption, TaskSpec, TokenTask
-from fpt_deploy.tasks.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,6 @@ def read_tape_split(data_dir: Path | None, split: str) -> tuple[list[dict], Path
     )
 
 
-@register_task
 class RemoteHomology(TokenTask):
     name = "remote-homology"
     description = "TAPE remote homology: a protein's fold (1,195 classes) from its amino acids (--data-dir)"

@@ -15,7 +15,6 @@ from fpt_deploy.errors import DataUnavailableError
 from fpt_deploy.tasks.base import Task, TaskData, TaskOption, TaskSpec
 from fpt_deploy.tasks.preprocess import ImagePatches
 from fpt_deploy.tasks.recipe import Recipe
-from fpt_deploy.tasks.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,6 @@ def _patch_spec(task: Task, *, input_shape: tuple[int, ...], channels: int, labe
     )
 
 
-@register_task
 class Mnist(Task):
     name = "mnist"
     description = "MNIST digits, 4x4 patches (49 tokens of 16 values); embedded 5,000-image sample offline"
@@ -102,7 +100,6 @@ class Mnist(Task):
         return data
 
 
-@register_task
 class Cifar10(Task):
     name = "cifar10"
     description = "CIFAR-10, 4x4x3 patches (64 tokens of 48 values); needs --data-dir or --download"
@@ -127,7 +124,6 @@ class Cifar10(Task):
         return data
 
 
-@register_task
 class Cifar10Lra(Cifar10):
     name = "cifar10-lra"
     description = "CIFAR-10 as 1024 grey pixels, 1 value a token (Long Range Arena); needs --data-dir"

@@ -2,7 +2,9 @@
 
 Each kind says which options it takes, what a valid raw example looks like, which statistics it
 learns from the training split, and the preprocessing module that the input ONNX carries (so a
-client sends the raw example). Adding a kind is one class here and one ``register_kind``.
+client sends the raw example). Adding a kind is one ``InputKind`` subclass (here or in a module of its
+own) and one entry point in the group ``fpt_deploy.kinds`` (pyproject.toml); ``register_kind`` registers
+one in code (``fpt_deploy.plugins.Registry``).
 
     image     uint8 [H, W] or [H, W, C] -> P x P patches, scaled to 0..1, normalised per channel
     sequence  float32 [T, F] (or [T]) -> ``patch`` steps a token, standardised
@@ -18,26 +20,34 @@ from typing import ClassVar
 
 import numpy as np
 
-from fpt_deploy.errors import UnknownNameError
+from fpt_deploy.plugins import Registry
 from fpt_deploy.tasks.base import TaskOption
 from fpt_deploy.tasks.preprocess import BitPatches, ImagePatches, PaddedTokenIds, SequencePatches
 
-_KINDS: dict[str, type[InputKind]] = {}
+ENTRY_POINT_GROUP = "fpt_deploy.kinds"
+
+
+def _adopt(name: str, cls: object, origin: str) -> type[InputKind] | None:
+    return cls if isinstance(cls, type) and issubclass(cls, InputKind) and cls.name == name else None
+
+
+KINDS: Registry[type[InputKind]] = Registry(
+    ENTRY_POINT_GROUP, what="input kind", expects="an InputKind subclass named {name!r}", adopt=_adopt
+)
 
 
 def register_kind(cls: type[InputKind]) -> type[InputKind]:
-    _KINDS[cls.name] = cls
+    """Class decorator: register an ``InputKind`` subclass under its ``name``."""
+    KINDS.register(cls.name, cls, origin=f"registered in code ({cls.__module__})")
     return cls
 
 
 def get_kind(name: str) -> InputKind:
-    if name not in _KINDS:
-        raise UnknownNameError(f"unknown input kind {name!r}; choose one of {', '.join(_KINDS)}")
-    return _KINDS[name]()
+    return KINDS.get(name).value()
 
 
 def kind_names() -> list[str]:
-    return list(_KINDS)
+    return KINDS.names()
 
 
 def _divisors(n: int) -> list[int]:
@@ -161,7 +171,6 @@ class InputKind(ABC):
         return []
 
 
-@register_kind
 class ImageKind(InputKind):
     name = "image"
     description = "uint8 images [H, W] or [H, W, C] cut into P x P patches, normalised per channel"
@@ -213,7 +222,6 @@ class ImageKind(InputKind):
         return ImagePatches(o["patch"], tuple(fitted["mean"]), tuple(fitted["std"]))
 
 
-@register_kind
 class SequenceKind(InputKind):
     name = "sequence"
     description = "float32 sequences [T, F] (or tabular [T] features), patch steps a token, standardised"
@@ -271,7 +279,6 @@ class SequenceKind(InputKind):
         return SequencePatches(o["patch"], fitted["mean"], fitted["std"])
 
 
-@register_kind
 class TokensKind(InputKind):
     name = "tokens"
     description = "int64 token ids [T] padded at the end with pad_id; read at the last real token"
@@ -320,7 +327,6 @@ class TokensKind(InputKind):
         return PaddedTokenIds(o["pad_id"])
 
 
-@register_kind
 class BitsKind(InputKind):
     name = "bits"
     description = "the paper's bit tasks, generalised: strings x length bits in, length bits out"

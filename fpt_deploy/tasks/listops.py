@@ -11,7 +11,6 @@ import random
 import numpy as np
 
 from fpt_deploy.tasks.base import TaskData, TaskOption, TokenTask
-from fpt_deploy.tasks.registry import register_task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 VOCAB = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("]",)
@@ -42,7 +41,6 @@ def generate_tree(rng: random.Random, depth: int, max_depth: int, max_args: int,
     return tokens + ["]"], evaluate(op, values)
 
 
-@register_task
 class ListOps(TokenTask):
     name = "listops"
     description = "ListOps: nested MAX/MIN/MED/SUM_MOD expressions as token ids, 10 classes (generated)"

@@ -18,7 +18,6 @@ import numpy as np
 from fpt_deploy.errors import DataUnavailableError, TaskDataError
 from fpt_deploy.tasks.base import TaskData, TaskOption, TokenTask
 from fpt_deploy.tasks.listops import TOKEN_ID, VOCAB
-from fpt_deploy.tasks.registry import register_task
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 DROPPED = ("(", ")")
@@ -45,7 +44,6 @@ def _tsv(data_dir: Path | None, split: str) -> Path:
     )
 
 
-@register_task
 class ListOpsLra(TokenTask):
     name = "listops-lra"
     description = "ListOps from the Long Range Arena TSV files (--data-dir), full length, 10 classes"

@@ -1,87 +1,61 @@
-"""Task registry: a name maps to a ``Task`` subclass, found through entry points.
+"""Task registry: a name maps to a ``Task`` subclass (``fpt_deploy.plugins.Registry``, group ``fpt_deploy.tasks``).
 
-Every task, built-in or not, is an entry point of the group ``fpt_deploy.tasks``: fpt-deploy declares
-its own in pyproject.toml, and a plug-in package declares its tasks the same way::
+Every task, built-in or not, is an entry point: fpt-deploy declares its own in pyproject.toml, and a
+plug-in package declares its tasks the same way::
 
     [project.entry-points."fpt_deploy.tasks"]
     my-task = "my_package.tasks:MyTask"      # a Task subclass whose ``name`` is "my-task"
 
 ``register_task`` (a class decorator) registers a class in code as well, for scripts and tests.
 A task that is not registered but comes with a declaration (``kind``/``file`` options, or the frozen
-declaration a checkpoint stores) is a declared task (``fpt_deploy.tasks.declared``).
+declaration a checkpoint stores) is built by the ``custom`` entry (``fpt_deploy.tasks.declared``).
+Torch-free.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-
 from fpt_deploy.errors import UnknownNameError
-from fpt_deploy.plugins import PluginGroup
+from fpt_deploy.plugins import Entry, Registry
 
 ENTRY_POINT_GROUP = "fpt_deploy.tasks"
-# Imported when fpt-deploy's own entry points are missing (a source tree used without installing it).
-_BUILTIN_MODULES = ("bits", "images", "listops", "lra", "homology", "declared")
+DECLARED = "custom"  # the entry that builds a task from a declaration (fpt_deploy.tasks.declared.DeclaredTask)
 _DECLARATION_KEYS = ("kind", "file", "fitted")
 
-
-@dataclass(frozen=True, kw_only=True)
-class TaskEntry:
-    name: str
-    task: type  # a Task subclass
-    origin: str  # where it came from: "fpt-deploy 0.1.0", "my-plugin 1.2 (plug-in)", "registered in code (...)"
+TaskEntry = Entry  # .name, .value (the Task subclass), .origin
 
 
-_REGISTRY: dict[str, TaskEntry] = {}
-_PLUGINS = PluginGroup(ENTRY_POINT_GROUP, what="task", expects="a Task subclass named {name!r}")
+def _adopt(name: str, cls: object, origin: str) -> type | None:
+    from fpt_deploy.tasks.base import Task
+
+    if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != name:
+        return None
+    return cls
+
+
+TASKS: Registry[type] = Registry(ENTRY_POINT_GROUP, what="task", expects="a Task subclass named {name!r}", adopt=_adopt)
 
 
 def register_task(cls=None, *, origin: str | None = None):
     """Class decorator: register a ``Task`` subclass under its ``name``."""
 
     def wrap(cls):
-        _REGISTRY[cls.name] = TaskEntry(
-            name=cls.name, task=cls, origin=origin or f"registered in code ({cls.__module__})"
-        )
+        TASKS.register(cls.name, cls, origin=origin or f"registered in code ({cls.__module__})")
         return cls
 
     return wrap(cls) if cls is not None else wrap
 
 
-def _as_entry(name: str, cls, origin: str) -> TaskEntry | None:
-    from fpt_deploy.tasks.base import Task
-
-    if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != name:
-        return None
-    return TaskEntry(name=name, task=cls, origin=origin)
-
-
-def _register(name: str, entry: TaskEntry) -> None:
-    _REGISTRY[name] = entry
-
-
-def _import_builtin_tasks() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"fpt_deploy.tasks.{module}")
-
-
-def _load_entry_points() -> None:
-    _PLUGINS.load_once(_as_entry, _register, _import_builtin_tasks)
-
-
-def list_task_entries() -> list[TaskEntry]:
+def list_task_entries() -> list[Entry]:
     """Every registered task with where it came from, sorted by name."""
-    _load_entry_points()
-    return sorted(_REGISTRY.values(), key=lambda e: e.name)
+    return sorted(TASKS.entries(), key=lambda e: e.name)
 
 
 def list_tasks() -> list[type]:
-    return [e.task for e in list_task_entries()]
+    return [e.value for e in list_task_entries()]
 
 
 def is_registered(name: str) -> bool:
-    _load_entry_points()
-    return name in _REGISTRY
+    return name in TASKS
 
 
 def get_task(name: str, /, *, max_positions: int | None = None, **options):
@@ -90,23 +64,22 @@ def get_task(name: str, /, *, max_positions: int | None = None, **options):
     ``max_positions`` (the backbone's) lets a declared task refuse, before training, more tokens than
     the backbone has positions.
     """
-    _load_entry_points()
-    from fpt_deploy.tasks.declared import DeclaredTask
-
+    declared = TASKS.get(DECLARED).value
+    found = TASKS.find(name)
     declaration = any(k in options for k in _DECLARATION_KEYS)
-    if name in _REGISTRY and not (declaration and not issubclass(_REGISTRY[name].task, DeclaredTask)):
-        cls = _REGISTRY[name].task
+    if found is not None and not (declaration and not issubclass(found.value, declared)):
+        cls = found.value
     elif declaration:  # a declared task (its own checks refuse a name that a registered task has)
-        cls = DeclaredTask
+        cls = declared
         if "file" not in options:
             options.setdefault("name", name)
-    elif name in _PLUGINS.broken:
-        raise UnknownNameError(f"task {name!r} is unavailable: {_PLUGINS.broken[name]}")
+    elif name in TASKS.broken:
+        raise UnknownNameError(f"task {name!r} is unavailable: {TASKS.broken[name]}")
     else:
         raise UnknownNameError(
-            f"unknown task {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
+            f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS.names()))}, "
             "or declare your own with --task-file FILE.toml (docs/declared-tasks.md)"
         )
-    if issubclass(cls, DeclaredTask):
-        return cls(max_positions=max_positions, **options)
+    if issubclass(cls, declared):
+        return cls(max_positions=max_positions, name_taken=is_registered, **options)
     return cls(**options)

@@ -1,76 +1,56 @@
 """Backbone runtimes as plug-ins: one module per runtime, one registry by name.
 
 Adding a runtime (docs/architecture.md, "Where each kind of change goes") is one new module with a
-``Runtime`` subclass and one line in ``_BUILT_IN`` below (``"name": "module:Class"``); ``--runtime``
-lists whatever ``runtime_names()`` returns. A runtime from another package registers with the
-``register_runtime`` decorator or an entry point in the ``fpt_deploy.runtimes`` group (same
-``"module:Class"`` form). Modules load only when their runtime is created, so importing this package
-never imports CUDA or TensorRT.
+``Runtime`` subclass and one entry point in the group ``fpt_deploy.runtimes`` (pyproject.toml,
+``name = "module:Class"``); a runtime from another package declares its own the same way, or registers
+in code with the ``register_runtime`` decorator. ``--runtime`` lists whatever ``runtime_names()``
+returns. Modules load only when their runtime is asked for (``fpt_deploy.plugins.Registry``), so
+importing this package never imports CUDA or TensorRT, and a runtime whose module fails to import is
+reported as unavailable, with why, without taking the others down.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 from fpt_deploy.serving.runtimes.base import Runtime, check_norm_tables
 
-from fpt_deploy.errors import UnknownNameError
+from fpt_deploy.plugins import Registry
 
 ENTRY_POINT_GROUP = "fpt_deploy.runtimes"
 
-_BUILT_IN: dict[str, str] = {
-    "ort": "fpt_deploy.serving.runtimes.ort:OrtRuntime",
-    "ort-cuda": "fpt_deploy.serving.runtimes.ort_cuda:OrtCudaRuntime",
-    "tensorrt": "fpt_deploy.serving.runtimes.tensorrt.runtime:TensorRTRuntime",
-    "torch": "fpt_deploy.serving.runtimes.torch_runtime:TorchRuntime",
-}
-_registry: dict[str, str | type[Runtime]] = dict(_BUILT_IN)
-_entry_points_read = False
+
+def _adopt(name: str, cls: object, origin: str) -> type[Runtime] | None:
+    if not (isinstance(cls, type) and issubclass(cls, Runtime)):
+        return None
+    cls.name = name
+    return cls
 
 
-def _read_entry_points() -> None:
-    global _entry_points_read
-    if not _entry_points_read:
-        _entry_points_read = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            _registry.setdefault(ep.name, ep.value)
+RUNTIMES: Registry[type[Runtime]] = Registry(
+    ENTRY_POINT_GROUP, what="runtime", expects="a Runtime subclass", adopt=_adopt
+)
 
 
 def register_runtime(name: str) -> Callable[[type[Runtime]], type[Runtime]]:
     """Class decorator: serve ``--runtime name`` with this ``Runtime`` subclass (sets its ``name``)."""
 
     def register(cls: type[Runtime]) -> type[Runtime]:
-        if not (isinstance(cls, type) and issubclass(cls, Runtime)):
-            raise TypeError(f"runtime {name!r} must be a Runtime subclass, got {cls!r}")
-        cls.name = name
-        _registry[name] = cls
-        return cls
+        return RUNTIMES.register(name, cls, origin=f"registered in code ({getattr(cls, '__module__', '?')})")
 
     return register
 
 
 def runtime_names() -> list[str]:
     """Every runtime ``--runtime`` accepts, built-in ones first; whether it runs here is checked at load."""
-    _read_entry_points()
-    return list(_registry)
+    return RUNTIMES.names()
 
 
 def runtime_class(name: str) -> type[Runtime]:
     """The ``Runtime`` subclass registered as ``name`` (its module is imported now)."""
-    _read_entry_points()
-    if name not in _registry:
-        raise UnknownNameError(f"unknown runtime {name!r}; runtimes: {', '.join(_registry)}")
-    target = _registry[name]
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-        cls.name = name
-        _registry[name] = target = cls
-    return target
+    return RUNTIMES.get(name).value
 
 
 def create_runtime(
@@ -93,6 +73,7 @@ def create_runtime(
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "RUNTIMES",
     "Runtime",
     "check_norm_tables",
     "create_runtime",

@@ -79,13 +79,10 @@ def plugin(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fpt-parity-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(site))
-    saved = dict(tasks._REGISTRY), dict(backbones._REGISTRY)
-    monkeypatch.setattr(tasks._PLUGINS, "loaded", False)
-    monkeypatch.setattr(backbones._PLUGINS, "loaded", False)
-    yield site
-    for registry, before in zip((tasks._REGISTRY, backbones._REGISTRY), saved, strict=True):
-        registry.clear()
-        registry.update(before)
+    with tasks.TASKS.scratch(), backbones.BACKBONES.scratch():
+        tasks.TASKS.reset()
+        backbones.BACKBONES.reset()
+        yield site
     sys.modules.pop("fpt_parity_plugin", None)
 
 

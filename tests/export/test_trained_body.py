@@ -8,6 +8,7 @@ import pytest
 from fpt_deploy.artifacts import open_repository
 from fpt_deploy.backbones import load_backbone
 from fpt_deploy.errors import ExportUnsupportedError
+from fpt_deploy.model_options import ModelOptions
 
 
 def _train(out, task, **kw):
@@ -23,7 +24,12 @@ def test_train_all_checkpoint_serves_next_to_an_fpt_task_from_one_repository(tmp
     from fpt_deploy.serving.predict import predict
 
     fpt = _train(tmp_path / "mnist", "mnist")
-    full = _train(tmp_path / "xor", "bit-xor", train=["all"], task_options={"train_size": 64, "test_size": 32})
+    full = _train(
+        tmp_path / "xor",
+        "bit-xor",
+        model=ModelOptions(train=("all",)),
+        task_options={"train_size": 64, "test_size": 32},
+    )
     repo = tmp_path / "deploy"
     export_task(ExportConfig(tasks=["mnist", "bit-xor"], checkpoints=[fpt, full], repo=repo))
 
@@ -55,6 +61,11 @@ def test_train_all_checkpoint_serves_next_to_an_fpt_task_from_one_repository(tmp
 def test_hidden_head_layers_are_refused_by_export_with_the_reason(tmp_path):
     from fpt_deploy.export import ExportConfig, export_task
 
-    ck = _train(tmp_path / "xor", "bit-xor", output_hidden_layers=1, task_options={"train_size": 32, "test_size": 16})
+    ck = _train(
+        tmp_path / "xor",
+        "bit-xor",
+        model=ModelOptions(output_hidden_layers=1),
+        task_options={"train_size": 32, "test_size": 16},
+    )
     with pytest.raises(ExportUnsupportedError, match="hidden layers"):
         export_task(ExportConfig(tasks=["bit-xor"], checkpoints=[ck], repo=tmp_path / "deploy"))

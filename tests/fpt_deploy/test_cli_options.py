@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fpt_deploy.cli_options import options_from
+from fpt_deploy.cli_options import option_fields, options_from
 from fpt_deploy.errors import ConfigError, collect
 
 
@@ -39,7 +39,7 @@ class Settings:
 
 
 def _app(seen: list, **kwargs) -> typer.Typer:
-    app = typer.Typer()
+    app = typer.Typer(rich_markup_mode=None)  # as fpt_deploy.cli: plain help (defaults in [brackets])
 
     @app.command()
     @options_from(Settings, **kwargs)
@@ -123,7 +123,7 @@ def test_a_field_added_later_appears_by_itself():
     class Grown(Settings):
         limit: int = field(default=9, metadata={"help": "A limit added by another engineer."})
 
-    app, seen = typer.Typer(), []
+    app, seen = typer.Typer(rich_markup_mode=None), []
 
     @app.command()
     @options_from(Grown)
@@ -193,3 +193,46 @@ def test_building_the_cli_imports_no_framework():
     code = f"import sys, fpt_deploy.cli; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+@dataclass(kw_only=True)
+class Inner:
+    depth: int = field(default=2, metadata={"help": "How deep."})
+    kinds: tuple[Literal["x", "y"], ...] = field(default=("x",), metadata={"help": "Kinds."})
+
+
+@dataclass(kw_only=True)
+class Outer:
+    name: str = field(default="n", metadata={"help": "A name."})
+    inner: Inner = field(default_factory=Inner, metadata={"help": "Nested."})
+
+
+def test_a_nested_config_dataclass_is_flattened_into_options_of_its_own_names():
+    app, seen = typer.Typer(rich_markup_mode=None), []
+
+    @app.command()
+    @options_from(Outer)
+    def run(config: Callable[..., Outer]) -> None:
+        seen.append(config())
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", "--depth", "5", "--kinds", "y", "--kinds", "x"]).exit_code == 0
+    assert runner.invoke(app, ["run", "--name", "m"]).exit_code == 0
+    assert seen[0].inner == Inner(depth=5, kinds=("y", "x")) and seen[0].name == "n"
+    assert seen[1].inner == Inner() and seen[1].name == "m"  # nothing given: the nested default
+    text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "120"}).output
+    assert "--depth" in text and "[default: 2]" in text and "--inner" not in text
+    assert option_fields(Outer) == ["name", "depth", "kinds"]
+
+
+def test_train_takes_the_model_options_under_their_own_names():
+    from fpt_deploy.training.config import TrainConfig
+
+    from fpt_deploy.model_options import ModelOptions
+
+    assert {f.name for f in dataclasses.fields(ModelOptions)} <= set(option_fields(TrainConfig))
+    assert "model" not in option_fields(TrainConfig)

@@ -256,8 +256,7 @@ def test_threads_that_ask_while_the_registry_loads_see_every_task(monkeypatch):
 
     from fpt_deploy.tasks import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", {})
-    monkeypatch.setattr(registry._PLUGINS, "loaded", False)
-    with ThreadPoolExecutor(8) as pool:
+    with registry.TASKS.scratch(), ThreadPoolExecutor(8) as pool:
+        registry.TASKS.reset()
         seen = list(pool.map(lambda _: registry.is_registered("mnist"), range(8)))
     assert seen == [True] * 8

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fpt_deploy.serving import runtimes as registry
 from fpt_deploy.serving.executor import InferenceRequest
 from fpt_deploy.serving.runtimes import Runtime, create_runtime, register_runtime, runtime_class, runtime_names
 
+from fpt_deploy import plugins
 from fpt_deploy.errors import ArtifactError, ConfigError, UnknownNameError
 
 
@@ -41,8 +43,8 @@ class NumpyRuntime(Runtime):
 @pytest.fixture
 def clean_registry(monkeypatch):
     """Registrations made by a test vanish after it."""
-    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
-    monkeypatch.setattr(registry, "_entry_points_read", False)
+    with registry.RUNTIMES.scratch():
+        yield
 
 
 def _mixed_logits(repo: Path, runtime: str, make_inputs) -> tuple[list[np.ndarray], Runtime]:
@@ -69,7 +71,14 @@ def test_a_registered_runtime_serves_like_the_built_in_one(synthetic_repo, make_
 def test_an_entry_point_registers_a_runtime_from_another_package(clean_registry, monkeypatch):
     value = f"{NumpyRuntime.__module__}:{NumpyRuntime.__qualname__}"
     ep = EntryPoint(name="numpy-ep", value=value, group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == registry.ENTRY_POINT_GROUP else [])
+    plugin = SimpleNamespace(metadata={"Name": "numpy-plugin"}, version="1.0")
+    found = plugins.group_entry_points
+    monkeypatch.setattr(
+        plugins,
+        "group_entry_points",
+        lambda group: found(group) + ([(ep, plugin)] if group == registry.ENTRY_POINT_GROUP else []),
+    )
+    registry.RUNTIMES.reset()
     assert runtime_names()[:3] == ["ort", "ort-cuda", "tensorrt"] and "numpy-ep" in runtime_names()
     assert runtime_class("numpy-ep") is NumpyRuntime
 
