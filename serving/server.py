@@ -49,9 +49,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fpt_deploy.serving import extensions, repository
 from fpt_deploy.serving.config import ServeConfig
 from fpt_deploy.serving.errors import QueueFullError
+from fpt_deploy.serving.extensions import router as extension_routes
 from fpt_deploy.serving.grpc_server import server_message_limit, start_grpc_server
 from fpt_deploy.serving.http_limits import (
     CLOSED_SCOPE_KEY,
@@ -73,7 +73,7 @@ from fpt_deploy.serving.protocol import (
     encode_response,
     triton_dtype,
 )
-from fpt_deploy.serving.repository import control_of  # the one import of repository control
+from fpt_deploy.serving.repository import control_of, startup_tasks  # the one import of repository control
 from fpt_deploy.serving.service import SERVER_NAME, InferenceService, server_version, status_of
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -124,7 +124,7 @@ class ServerState:
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
         # explicit mode: --load-model's tasks only
-        return cls(InferenceService.of(config, repository.startup_tasks(config)), config)
+        return cls(InferenceService.of(config, startup_tasks(config)), config)
 
     # what repository control and tests read: the service's
     @property
@@ -338,7 +338,7 @@ def create_app(state: ServerState, routers: Sequence[APIRouter] = ()) -> FastAPI
     for extension in routers:
         app.include_router(extension)
     # before /v2/models/{name}: .../stats and .../config win
-    app.include_router(extensions.router(state.service, control_of(state), state.read_json))
+    app.include_router(extension_routes(state.service, control_of(state), state.read_json))
     _add_core_routes(app, state.service)
     infer = InferEndpoint(state)
     for path in InferEndpoint.PATHS:
