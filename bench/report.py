@@ -12,12 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from bench.many_tasks import FPT_PAGED, find_level, find_point, ratio
+from bench.config import FPT_PAGED, FPT_PREFIX, ORT_PER_TASK, TORCH_PER_TASK
+from bench.many_tasks import find_level, find_point, ratio
 
 log = logging.getLogger("bench.report")
-
-FPT_PREFIX = "fpt-deploy "
-TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
 
 
 def _at(table: dict, key: int):
