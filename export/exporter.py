@@ -50,6 +50,7 @@ from fpt_deploy.artifacts import (
     TaskArtifact,
     backbone_file,
     graph_files,
+    json_text,
     manifest_update,
     sha256_file,
     task_dir,
@@ -229,7 +230,7 @@ def write_task(
         size = sum(p.stat().st_size for p in (graphs.input, graphs.output, graphs.norms, stage / HEAD_ROWS_FILE))
         written = not _same_task_in_place(root, artifact)
         if written:
-            (stage / TASK_FILE).write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")
+            (stage / TASK_FILE).write_text(json_text(artifact.to_json()))
 
             def fill(tmp: Path) -> None:
                 for f in os.listdir(stage):

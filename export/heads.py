@@ -50,6 +50,7 @@ from fpt_deploy.artifacts import (
     TaskArtifact,
     graph_files,
     heads_dir,
+    json_text,
     sha256_file,
     task_dir,
     write_head_rows,
@@ -344,7 +345,7 @@ def write_task_from_rows(
         write_head_rows(tmp / HEAD_ROWS_FILE, rows)
         write_norm_rows(tmp / NORMS_FILE, *norms)
         artifact.sha256 = {k: sha256_file(tmp / Path(f).name) for k, f in files.items()}
-        (tmp / TASK_FILE).write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")
+        (tmp / TASK_FILE).write_text(json_text(artifact.to_json()))
 
     replace_dir(repo.root / rel, fill)
     repo.tasks[name] = artifact

@@ -125,8 +125,13 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def json_text(data: dict) -> str:
+    """How the repository writes JSON (sorted keys, indented): equal data, equal text."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(data))
 
 
 def verify_file(root: Path, rel: str, sha256: str) -> Path:
@@ -356,7 +361,8 @@ def manifest_update(root: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterat
     """
     with repository_lock(root, timeout):
         repo = open_repository(root, create=True)
-        before = repo.to_manifest() if (repo.root / MANIFEST).is_file() else None
+        # As text, not a dict: to_manifest shares the artifacts' dicts, which the block may change in place.
+        before = json_text(repo.to_manifest()) if (repo.root / MANIFEST).is_file() else None
         yield repo
-        if repo.to_manifest() != before:
+        if json_text(repo.to_manifest()) != before:
             repo.save_manifest()
