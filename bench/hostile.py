@@ -21,7 +21,6 @@ All traffic goes to 127.0.0.1, bounded in count and time. Prints a table; ``--ou
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.server_process import ROOT, ServerProcess, free_port
+
 LAUNCH = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,61 +47,18 @@ serve(ServeConfig(**json.loads(sys.argv[1])))
 MB = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """``serve`` with ``config`` (``ServeConfig`` fields) through ``LAUNCH``, ready (bench/server_process.py)."""
 
-
-class Server:
     def __init__(self, repo: Path, log_path: Path, **config) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop)
-        config = {"repo": str(repo), "port": self.port, "threads": 1, **config}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, json.dumps(config)], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if self.request("GET", "/v2/health/ready")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not become ready in 120 s")
-
-    def request(self, method, path, body=None, headers=None, timeout=30.0) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            return r.status, r.read()
-        finally:
-            conn.close()
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / MB
-
-    def metric(self, name: str) -> float:
-        body = self.request("GET", "/metrics")[1].decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name))
+        port = free_port()
+        config = {"repo": str(repo), "port": port, "threads": 1, **config}
+        launch = ["-c", LAUNCH, json.dumps(config)]
+        super().__init__("hostile", launch, port, log_path=log_path, ready_timeout=120.0, stop_timeout=60.0)
+        self.wait_ready()
 
     def tracebacks(self) -> int:
-        return self.log_path.read_text().count("Traceback")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+        return self.log().count("Traceback")
 
 
 class RssSampler:

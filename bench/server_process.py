@@ -161,14 +161,16 @@ class ServerProcess:
             conn.close()
 
     def metric(self, name: str) -> float:
-        """The sum of the Prometheus samples of ``/metrics`` named ``name`` (``name{...}`` included)."""
+        """The sum of the ``/metrics`` samples of series ``name``, all labels, or those starting as ``name``
+        does when it holds some (``'fpt_inference_failures_total{code="500"'``)."""
         status, body = self.request("GET", "/metrics")
         if status != 200:
             raise RuntimeError(f"{self.name}: GET /metrics answered {status}")
+        ends = ("",) if "{" in name else (" ", "{")
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in body.decode().splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
+            if any(line.startswith(name + end) for end in ends)
         )
 
     def rss_mb(self) -> float:
