@@ -390,7 +390,8 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
         "`.venv/bin/python -m bench --quick` (about 7 minutes once the artifacts are cached); "
         "`--repo DIR --checkpoint runs/mnist/best` to measure a real deployment. Results: "
         "`bench/results/suite.json` (`suite_quick.json`), plots `bench/results/*.png`. The suite is "
-        "`bench/suite.py`; the baselines' server is `bench/baseline_server.py`.",
+        "`bench/suite.py` (one module a section: `bench/gemm.py`, `backbone.py`, `many_tasks.py`, `load.py`, "
+        "`training.py`); the baselines' server is `bench/baseline_server.py`.",
         "",
         "## Machine",
         "",

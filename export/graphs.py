@@ -21,13 +21,12 @@ from torch import nn
 from fpt_deploy.artifacts import (
     BACKBONE_INPUTS,
     BACKBONE_OUTPUT,
-    INPUT_GRAPH,
     INPUT_HEAD_INPUT,
     INPUT_HEAD_OUTPUTS,
     NORMS_FILE,
-    OUTPUT_GRAPH,
     OUTPUT_HEAD_INPUTS,
     OUTPUT_HEAD_OUTPUT,
+    graph_files,
     write_norm_rows,
 )
 
@@ -142,7 +141,8 @@ def write_task_graphs(model: nn.Module, folder: Path, opset: int) -> TaskGraphs:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    graphs = TaskGraphs(folder / INPUT_GRAPH, folder / OUTPUT_GRAPH, folder / NORMS_FILE)
+    files = graph_files(folder)
+    graphs = TaskGraphs(Path(files["input"]), Path(files["output"]), folder / NORMS_FILE)
     write_input_head_graph(model, graphs.input, opset)
     write_output_head_graph(model, graphs.output, opset)
     write_norms(model, graphs.norms)

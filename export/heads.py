@@ -37,11 +37,9 @@ from torch import nn
 from fpt_deploy.artifacts import (
     HEAD_ROWS_FILE,
     HEAD_TASK_INDEX,
-    INPUT_GRAPH,
     INPUT_HEAD_INPUT,
     INPUT_HEAD_OUTPUTS,
     NORMS_FILE,
-    OUTPUT_GRAPH,
     OUTPUT_HEAD_INPUTS,
     OUTPUT_HEAD_OUTPUT,
     TASK_FILE,
@@ -219,7 +217,8 @@ def write_head_graphs(model: nn.Module, folder: Path, opset: int) -> tuple[Path,
     inputs = (INPUT_HEAD_INPUT, HEAD_TASK_INDEX, *names)
     axes = {INPUT_HEAD_INPUT: {0: BATCH}, HEAD_TASK_INDEX: {0: BATCH}} | {n: {0: TASKS} for n in names}
     axes |= {o: {0: BATCH} for o in INPUT_HEAD_OUTPUTS}
-    input_path, output_path = folder / INPUT_GRAPH, folder / OUTPUT_GRAPH
+    files = graph_files(folder)
+    input_path, output_path = Path(files["input"]), Path(files["output"])
     export_onnx(
         module,
         (raw, index, *tables),

@@ -96,7 +96,7 @@ def heads_dir(key: str) -> str:
     return f"{HEADS_DIR}/{key}"
 
 
-def graph_files(folder: str) -> dict[str, str]:
+def graph_files(folder: str | Path) -> dict[str, str]:
     """The ``input`` and ``output`` graph paths of a task's or a head shape's folder, by kind."""
     return {"input": f"{folder}/{INPUT_GRAPH}", "output": f"{folder}/{OUTPUT_GRAPH}"}
 
