@@ -117,7 +117,7 @@ def test_a_transaction_that_raises_leaves_the_manifest_as_it_was(tmp_path):
 
 @pytest.mark.slow  # two real export processes: about a minute on two cores
 def test_concurrent_exports_of_different_tasks_all_land_and_serve(tiny_checkpoints, tmp_path):
-    """The issue's report: two exports of different tasks at once, both exit 0, one task missing.
+    """Two exports of different tasks at once: both exit 0 and the manifest lists both tasks.
 
     bench/concurrent_export.py runs the same (its ``export_concurrently``) with more processes, many times.
     """
