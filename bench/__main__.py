@@ -1,7 +1,7 @@
 """``python -m bench``: the whole benchmark suite in one run (see ``bench/suite.py``).
 
-    python -m bench                      # default: within 15 minutes on 2 cores (--budget-s)
-    python -m bench --quick              # ~7 minutes once artifacts are cached (shorter levels, fewer baselines)
+    python -m bench                      # default: within --budget-s (BENCHMARKS.md: how long on which machine)
+    python -m bench --quick              # shorter levels, fewer baselines
     python -m bench --repo deploy --checkpoint runs/mnist/best --out bench/results
 
 Writes ``<out>/suite.json`` (``suite_quick.json`` with --quick), PNG plots in ``<out>``, and the
@@ -16,8 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
+from bench.config import ROOT, SECTIONS, SuiteConfig
 from bench.report import render_markdown
-from bench.suite import ROOT, SECTIONS, SuiteConfig, run_suite, write_report
+from bench.suite import run_suite, write_report
 
 
 def _ints(text: str) -> tuple[int, ...]:

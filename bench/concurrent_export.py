@@ -67,13 +67,13 @@ def export_concurrently(checkpoints: dict[str, Path], repo: Path) -> list[subpro
 def one_run(checkpoints: dict[str, Path], repo: Path) -> dict:
     from fpt_deploy.serving import ServeConfig, ServingModel
 
-    from fpt_deploy.artifacts import open_repository
+    from fpt_deploy.artifacts import MANIFEST, open_repository
 
     t0 = time.perf_counter()
     done = export_concurrently(checkpoints, repo)
     codes = [d.returncode for d in done]
     errors = [d.stderr[-400:] for d in done if d.returncode != 0]
-    listed = sorted(open_repository(repo).tasks) if (repo / "manifest.json").exists() else []
+    listed = sorted(open_repository(repo).tasks) if (repo / MANIFEST).exists() else []
     served = []
     if set(listed) == set(checkpoints):
         model = ServingModel(ServeConfig(repo=repo, threads=1))

@@ -27,7 +27,6 @@ Beside the table: a good request's p50/p99 when idle and during cases 1 and 2 (g
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import multiprocessing
 import os
@@ -45,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.server_process import ROOT, ServerProcess, free_port
+
 LAUNCH = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -83,12 +83,6 @@ ISSUE = {
 }  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Tally:
     """Every 5xx (and gRPC server-error status) the servers answered in the run, by where it came from."""
 
@@ -110,69 +104,25 @@ class Tally:
 TALLY = Tally()
 
 
-class Server:
-    """A ``serve`` subprocess (``sys.executable``) on ``repo`` with ``config`` over the defaults."""
+class Server(ServerProcess):
+    """``serve`` with ``config`` (``ServeConfig`` fields) through ``LAUNCH`` (bench/server_process.py); every
+    answer it gives counts in ``TALLY``."""
 
     def __init__(self, repo: Path, log_path: Path, wait: bool = True, **config) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop)
-        self.config = {"repo": str(repo), "port": self.port, "threads": 1, **config}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, json.dumps(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=log_path.parent,  # not the checkout: the server runs the code of sys.executable's install
-        )
+        port = free_port()
+        self.config = {"repo": str(repo), "port": port, "threads": 1, **config}
+        launch = ["-c", LAUNCH, json.dumps(self.config)]
+        super().__init__("hostile", launch, port, log_path=log_path, ready_timeout=120.0, stop_timeout=30.0)
         if wait:
             self.wait_ready()
 
-    def wait_ready(self, seconds: float = 120.0) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log()[-2000:]}")
-            try:
-                if self.request("GET", "/v2/health/ready", where="start")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the server did not become ready in {seconds:.0f} s")
-
     def request(self, method, path, body=None, headers=None, timeout=60.0, where="") -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            status, answer = r.status, r.read()
-        finally:
-            conn.close()
+        status, answer = super().request(method, path, body, headers, timeout)
         TALLY.http(status, where or f"{method} {path}")
         return status, answer
 
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / MB
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def tracebacks(self) -> int:
         return self.log().count("Traceback")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 class RssSampler:
@@ -919,7 +869,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if 4 in cases:
                     explicit = case_4_explicit(srv, explicit_repo)
             finally:
-                srv.stop(timeout=15)
+                srv.stop_timeout = 15
+                srv.stop()
         if 4 in cases:
             poll = case_4_poll(copy_repo(repo, work / "poll-repo"), work / "poll.log")
             rows[4] = case_4(poll, explicit)

@@ -30,6 +30,7 @@ import psutil
 
 from bench.concurrent_export import train_checkpoints
 from bench.operate import export, running_server
+from fpt_deploy.artifacts import MANIFEST, task_dir
 
 A, B = "bit-xor", "bit-memory"
 
@@ -107,13 +108,13 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="fpt-live-load-"))
     checkpoints = train_checkpoints(work / "checkpoints", (A, B))
     repo = work / "repo"
-    if (repo / "tasks" / B).exists() or not (repo / "manifest.json").exists():
+    if (repo / task_dir(B)).exists() or not (repo / MANIFEST).exists():
         import shutil
 
         shutil.rmtree(repo, ignore_errors=True)
         export([checkpoints[A]], repo)
-    with running_server(repo) as (proc, url, _):
-        server = psutil.Process(proc.pid)
+    with running_server(repo) as served:
+        url, server = served.address, psutil.Process(served.proc.pid)
         meta_a = json.loads(call(url, "GET", f"/v2/models/{A}")[1])
         clients = Clients(url, body_for(meta_a, np.random.default_rng(0)), args.clients)
         for t in clients.threads:

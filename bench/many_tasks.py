@@ -25,11 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_load import ServerProcess, binary_request, load
+from bench.backbone import backbone_rows, raw_rate
+from bench.config import FPT_FP32, FPT_PAGED, FPT_PREFIX, ORT_PER_TASK, TORCH_PER_TASK, SuiteConfig
+from bench.prepare import Prepared
+from bench.serve_load import binary_request, load
+from bench.server_process import ServerProcess
+from bench.servers import baseline_server, fpt_server
 
 log = logging.getLogger("bench.tasks")
 TRAFFIC = ("uniform", "zipf")
-FPT_PAGED = "fpt-deploy fp32 paged"  # the fp32 server with --max-resident-tasks (SuiteConfig.max_resident_tasks)
 ZIPF_S = 1.1
 
 
@@ -53,7 +57,7 @@ def build_task_levels(repo: Path, task: str, counts: list[int], dest: Path) -> d
     """One repository per N in ``counts`` (files shared through links): ``task`` plus N - 1 of its shape."""
     from fpt_deploy.export.heads import write_task_from_rows
 
-    from fpt_deploy.artifacts import Repository, open_repository
+    from fpt_deploy.artifacts import BACKBONES_DIR, HEADS_DIR, TASKS_DIR, Repository, open_repository, task_dir
 
     source = open_repository(repo)
     like = source.tasks[task]
@@ -72,12 +76,12 @@ def build_task_levels(repo: Path, task: str, counts: list[int], dest: Path) -> d
     out = {}
     for n in counts:
         root = dest / f"n{n}"
-        (root / "tasks").mkdir(parents=True)
-        for folder in ("backbones", "heads"):
+        (root / TASKS_DIR).mkdir(parents=True)
+        for folder in (BACKBONES_DIR, HEADS_DIR):
             _link(repo / folder, root / folder)
         level = Repository(root=root, backbones=dict(source.backbones), heads=dict(source.heads))
         for name in names[:n]:
-            _link((repo if name == task else pool) / "tasks" / name, root / "tasks" / name)
+            _link((repo if name == task else pool) / task_dir(name), root / task_dir(name))
             level.tasks[name] = source.tasks[task] if name == task else generated.tasks[name]
         level.save_manifest()
         out[n] = (root, names[:n])
@@ -200,12 +204,11 @@ def _projection(points: list[dict], n: int) -> tuple[float, float] | None:
     return b["rss_mb"] + slope_rss * (n - b["tasks"]), b["startup_s"] + slope_s * (n - b["tasks"])
 
 
-def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
+def bench_tasks(cfg: SuiteConfig, prep: Prepared, scratch: Path, deadline: float) -> dict:
     """Every contender at every N (see the module docstring); contenders that stop say why."""
     from fpt_deploy.serving.runtimes.ort import OrtRuntime
     from fpt_deploy.serving.runtimes.sessions import physical_cores
 
-    from bench.suite import ORT_PER_TASK, TORCH_PER_TASK, _backbone_rows, _raw_rate, baseline_server, fpt_server
     from fpt_deploy.artifacts import open_repository
 
     counts = sorted(cfg.task_counts)
@@ -218,23 +221,23 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
     weight, bias = art.load_norms(r.root)
     threads = cfg.threads or physical_cores()
     runtime = OrtRuntime(r.backbones[art.fingerprint].path(r.root, "fp32"), weight[None], bias[None], threads=threads)
-    raw_rows = {b: _backbone_rows(prep, b) for b in sorted({min(c, cfg.max_batch_size) for c in cfg.concurrency})}
+    raw_rows = {b: backbone_rows(prep, b) for b in sorted({min(c, cfg.max_batch_size) for c in cfg.concurrency})}
 
     def raw_ceiling(kind: str, c: int) -> dict:
         """The raw fp32 backbone at this level's batch, timed right after it (same minute)."""
         batch = min(c, cfg.max_batch_size)
         hidden, mask = raw_rows[batch]
         index = np.zeros(batch, np.int64)
-        rate = _raw_rate(lambda: runtime.run_backbone(hidden, mask, index), batch, cfg.raw_seconds_in_load)
+        rate = raw_rate(lambda: runtime.run_backbone(hidden, mask, index), batch, cfg.raw_seconds_in_load)
         return {"raw_backbone_rows_per_s": rate, "raw_backbone_batch": batch}
 
     # In order of what the goals need, so a spent time budget cuts the least telling measurements.
-    contenders = {"fpt-deploy fp32": ("fpt", "fp32")}
+    contenders = {FPT_FP32: ("fpt", "fp32")}
     if any(n > cfg.max_resident_tasks for n in counts):
         contenders[FPT_PAGED] = ("fpt", "fp32")
     if prep.full_onnx:
         contenders[ORT_PER_TASK] = ("ort", prep.full_onnx)
-    contenders |= {f"fpt-deploy {v}": ("fpt", v) for v in prep.variants if v != "fp32"}
+    contenders |= {f"{FPT_PREFIX}{v}": ("fpt", v) for v in prep.variants if v != "fp32"}
     contenders[TORCH_PER_TASK] = ("torch", prep.checkpoint)
     every_level = [(kind, c) for kind in TRAFFIC for c in cfg.concurrency]
     goal_level = [("uniform", max(cfg.concurrency))]  # per-task servers beyond baseline_full_levels_tasks
@@ -274,7 +277,7 @@ def bench_tasks(cfg, prep, scratch: Path, deadline: float) -> dict:
                     start = lambda root=root, v=source, k=resident: fpt_server(root, v, cfg, k)  # noqa: E731
                 else:
                     start = lambda names=names, k=kind, s=source: baseline_server(k, dict.fromkeys(names, s), cfg)  # noqa: E731
-                extra = raw_ceiling if name == "fpt-deploy fp32" and n == counts[0] else None
+                extra = raw_ceiling if name == FPT_FP32 and n == counts[0] else None
                 levels = every_level if kind == "fpt" or n <= cfg.baseline_full_levels_tasks else goal_level
                 point = _measure_server(start, names, prep.rows, cfg, deadline, levels, extra, stages=kind == "fpt")
                 point["tasks"] = n

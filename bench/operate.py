@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from bench.concurrent_export import train_checkpoints
+from bench.server_process import ServerProcess, free_port
+from fpt_deploy.artifacts import MANIFEST, task_dir
 
 SERVED, LATE = ("bit-xor", "mnist"), "bit-memory"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export(checkpoints: list[Path], repo: Path) -> float:
@@ -46,61 +39,20 @@ def export(checkpoints: list[Path], repo: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _cli_has(option: str) -> bool:
-    helped = subprocess.run(
-        [sys.executable, "-m", "fpt_deploy.cli", "serve", "--help"], capture_output=True, text=True
-    ).stdout
-    return option in helped
-
-
-@contextmanager
-def running_server(repo: Path, threads: int = 1, **settings):
+def running_server(repo: Path, threads: int = 1, **settings) -> ServerProcess:
     """``fpt-deploy serve`` on free ports in explicit model control with gRPC, the tasks exported so far loaded
-    (``--load-model *``, as Triton's explicit mode loads nothing without it); yields (process, http, grpc)."""
-    http_port, grpc_port = free_port(), free_port()
-    fields = dict(
-        repo=str(repo),
-        port=http_port,
-        grpc_port=grpc_port,
+    (``--load-model *``, as Triton's explicit mode loads nothing without it); ready, its log beside ``repo``."""
+    return ServerProcess.fpt_deploy(
+        repo,
+        log_path=Path(repo).parent / "server.log",
+        ready_timeout=120.0,
+        stop_timeout=60.0,
+        grpc_port=free_port(),
         model_control_mode="explicit",
         load_model=["*"],
         threads=threads,
         **settings,
     )
-    if _cli_has("--grpc-port"):
-        args = [sys.executable, "-m", "fpt_deploy.cli", "serve"]
-        for key, value in fields.items():
-            for one in value if isinstance(value, list) else [value]:  # a list: the option repeated
-                args += [f"--{key.replace('_', '-')}", str(one)]
-    else:  # the CLI does not list the serve settings yet: the same ServeConfig through the library
-        code = (
-            "import json, sys; from fpt_deploy.serving import ServeConfig, serve; "
-            "serve(ServeConfig(**json.loads(sys.argv[1])))"
-        )
-        args = [sys.executable, "-c", code, json.dumps(fields)]
-    log = open(Path(repo).parent / "server.log", "a")  # noqa: SIM115  (closed with the server)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start; see {log.name}")
-        time.sleep(0.1)
-    try:
-        yield proc, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def example_input(tc, meta: dict, rows: int, rng):
@@ -126,7 +78,7 @@ def walkthrough(protocol: str, url: str, repo: Path, late_checkpoint: Path, say)
     rng = np.random.default_rng(0)
     say(f"\n== tritonclient.{protocol} at {url}")
     say(f"get_model_repository_index() -> {json.dumps(client.get_model_repository_index(**kw))}")
-    if not (repo / "tasks" / LATE).exists():
+    if not (repo / task_dir(LATE)).exists():
         seconds = export([late_checkpoint], repo)
         say(f"(fpt-deploy export of {LATE} into the served repository: {seconds:.1f} s)")
         say(f"get_model_repository_index() -> {json.dumps(client.get_model_repository_index(**kw))}")
@@ -162,7 +114,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="fpt-operate-"))
     checkpoints = train_checkpoints(work / "checkpoints", (*SERVED, LATE))
     repo = work / "repo"
-    if not (repo / "manifest.json").exists():
+    if not (repo / MANIFEST).exists():
         export([checkpoints[t] for t in SERVED], repo)
     lines = []
 
@@ -170,7 +122,8 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
-    with running_server(repo) as (_, http_url, grpc_url):
+    with running_server(repo) as server:
+        http_url, grpc_url = server.address, server.grpc_address
         walkthrough("http", http_url, repo, checkpoints[LATE], say)
         walkthrough("grpc", grpc_url, repo, checkpoints[LATE], say)
         with urllib.request.urlopen(f"http://{http_url}/metrics") as r:

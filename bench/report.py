@@ -12,12 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from bench.many_tasks import FPT_PAGED, find_level, find_point, ratio
+from bench.config import FPT_PAGED, FPT_PREFIX, ORT_PER_TASK, TORCH_PER_TASK
+from bench.many_tasks import find_level, find_point, ratio
 
 log = logging.getLogger("bench.report")
-
-FPT_PREFIX = "fpt-deploy "
-TORCH_PER_TASK, ORT_PER_TASK = "torch per task", "ort per task"
 
 
 def _at(table: dict, key: int):
@@ -32,7 +30,7 @@ def _level(levels: list[dict], concurrency: int) -> dict | None:
 
 
 def summarize(results: dict) -> dict:
-    """Per-level ratios (vs both baselines and vs the raw backbone) and the issue's goals, met or not."""
+    """Per-level ratios (vs both baselines and vs the raw backbone) and the serving goals, met or not."""
     levels = results.get("load", {}).get("levels", {})
     raw = results.get("backbone", {}).get("rows_per_s", {})
     max_batch = int(results.get("config", {}).get("max_batch_size", 32))
@@ -108,7 +106,7 @@ def summarize(results: dict) -> dict:
         note="" if real else "checkpoint trained briefly here: not meaningful",
     )
     points = (results.get("many_tasks") or {}).get("contenders", {}).get(f"{FPT_PREFIX}fp32", [])
-    mem = [p for p in points if p["tasks"] <= 100 and "rss_mb" in p]  # issue 5's goal was set up to 50 tasks
+    mem = [p for p in points if p["tasks"] <= 100 and "rss_mb" in p]  # the memory goal is set up to 50 tasks
     if len(mem) >= 2:
         goal(
             f"server RSS {mem[-1]['tasks']} tasks / 1 task",
@@ -132,7 +130,7 @@ def summarize(results: dict) -> dict:
 
 
 def many_task_goals(results: dict) -> list[dict]:
-    """Issue 14's goals from the many_tasks section; a goal that cannot be measured here says why."""
+    """The many-task goals from the many_tasks section; a goal that cannot be measured here says why."""
     many = results.get("many_tasks") or {}
     if not many.get("contenders"):
         return []
@@ -392,7 +390,8 @@ def render_markdown(results: dict, plots_dir: Path | None = None, relative_to: P
         "`.venv/bin/python -m bench --quick` (about 7 minutes once the artifacts are cached); "
         "`--repo DIR --checkpoint runs/mnist/best` to measure a real deployment. Results: "
         "`bench/results/suite.json` (`suite_quick.json`), plots `bench/results/*.png`. The suite is "
-        "`bench/suite.py`; the baselines' server is `bench/baseline_server.py`.",
+        "`bench/suite.py` (one module a section: `bench/gemm.py`, `backbone.py`, `many_tasks.py`, `load.py`, "
+        "`training.py`); the baselines' server is `bench/baseline_server.py`.",
         "",
         "## Machine",
         "",
@@ -632,6 +631,7 @@ def _many_tasks_markdown(results: dict, summary: dict) -> list[str]:
 
 
 MACHINE_START, MACHINE_END = "<!-- machine: ", "<!-- end machine -->"
+NOTES_START = "<!-- notes: written by hand"  # from this line on, BENCHMARKS.md is kept as it is
 
 
 def write_markdown(results: dict, path: Path, plots_dir: Path | None = None) -> None:
@@ -652,7 +652,10 @@ def write_markdown(results: dict, path: Path, plots_dir: Path | None = None) -> 
         "# Benchmarks\n\nOne section per machine `python -m bench` ran on; each section's figures and ratios "
         "come from one run on that machine. Re-running on a machine replaces its section only."
     )
-    path.write_text("\n\n".join([intro, block, *others]) + "\n")
+    notes = []
+    if path.is_file() and NOTES_START in (text := path.read_text()):  # written by hand: kept as it is
+        notes.append(text[text.index(NOTES_START) :].strip())
+    path.write_text("\n\n".join([intro, block, *others, *notes]) + "\n")
 
 
 def _legacy_block(text: str) -> str:

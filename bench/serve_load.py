@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import http.client
 import json
 import logging
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,74 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.server_process import ROOT, ServerProcess
+
 log = logging.getLogger("bench.serve_load")
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on exit, always."""
-
-    def __init__(self, name: str, argv: list[str], port: int, timeout: float = 300) -> None:
-        self.name, self.port = name, port
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fpt-bench-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, *argv], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.timeout = timeout
-
-    def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + self.timeout
-        while not self._ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = Path(self.log.name).read_text()[-3000:]
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start:\n{tail}")
-            time.sleep(0.2)
-        return self
-
-    def _ready(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            conn.request("GET", "/v2/health/ready")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self.log.closed:
-            self.log.close()
-            Path(self.log.name).unlink(missing_ok=True)
-
-
-def fpt_server(repo: Path, extra: list[str]) -> ServerProcess:
-    """``fpt-deploy serve`` on REPO in a child process, ready to take requests."""
-    port = free_port()
-    argv = ["-m", "fpt_deploy.cli", "-q", "serve", "--repo", str(repo), "--port", str(port), *extra]
-    return ServerProcess("fpt-deploy", argv, port).wait_ready()
+def fpt_server(repo: Path, options: dict) -> ServerProcess:
+    """``fpt-deploy serve`` on REPO with ``options`` (``ServeConfig`` names) in a child process, ready."""
+    return ServerProcess.fpt_deploy(repo, quiet=True, **options)
 
 
 def binary_request(x: np.ndarray) -> tuple[bytes, dict]:
@@ -292,7 +229,7 @@ def backbone_rss_mb(repo: Path, variant: str, length: int, batch: int) -> float:
 
 def clone_tasks(repo: Path, source: str, count: int, dest: Path) -> list[str]:
     """A copy of ``repo`` holding ``source`` plus ``count - 1`` clones of it under new names."""
-    from fpt_deploy.artifacts import open_repository, task_dir, write_json
+    from fpt_deploy.artifacts import open_repository, task_dir, task_file, write_json
 
     shutil.copytree(repo, dest)
     r = open_repository(dest)
@@ -306,14 +243,14 @@ def clone_tasks(repo: Path, source: str, count: int, dest: Path) -> list[str]:
         shutil.copytree(dest / task_dir(source), folder)
         files = {key: f"{task_dir(name)}/{Path(rel).name}" for key, rel in base.files.items()}
         clone = dataclasses.replace(base, name=name, files=files, spec=dataclasses.replace(base.spec, name=name))
-        write_json(folder / "task.json", clone.to_json())
+        write_json(dest / task_file(name), clone.to_json())
         r.tasks[name] = clone
         names.append(name)
     r.save_manifest()
     return names
 
 
-def memory(repo: Path, task: str, counts: list[int], serve_args: list[str]) -> list[dict]:
+def memory(repo: Path, task: str, counts: list[int], serve_args: dict) -> list[dict]:
     rng = np.random.default_rng(1)
     rows = []
     for count in counts:
@@ -393,16 +330,12 @@ def main(argv: list[str] | None = None) -> dict:
         r = open_repository(repo)
         tasks = args.tasks or sorted(r.tasks)
         inputs = task_inputs(repo, tasks, np.random.default_rng(0))
-        serve_args = [
-            "--max-batch-size",
-            str(args.max_batch_size),
-            "--max-queue-delay-ms",
-            str(args.max_queue_delay_ms),
-            "--backbone-variant",
-            args.backbone_variant,
-        ]
-        if args.threads:
-            serve_args += ["--threads", str(args.threads)]
+        serve_args = {
+            "max_batch_size": args.max_batch_size,
+            "max_queue_delay_ms": args.max_queue_delay_ms,
+            "backbone_variant": args.backbone_variant,
+            "threads": args.threads or None,
+        }
         bodies = [(t, *binary_request(inputs[t])) for t in tasks]
         with fpt_server(repo, serve_args) as server:
             load(server.port, bodies, 4, max_requests=64, max_seconds=10)  # warm-up

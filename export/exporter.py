@@ -1,18 +1,21 @@
 """``export_task``: checkpoints in, a validated deployment repository out (docs/architecture.md).
 
 Order of writes, each atomic (``fpt_deploy.atomic``), so a kill at any point leaves the previous
-repository loadable:
+repository loadable. The manifest, the only file that makes new artifacts visible to a reader, is
+changed in two repository transactions (``artifacts.manifest_update``: lock, re-read, change, write
+once), so concurrent exports of different tasks all land:
 
-1. the backbone ONNX, once per fingerprint: skipped when the manifest lists it and its checksum
-   verifies; otherwise exported to a temp file, checked against the PyTorch body, renamed into place;
-2. per task: ``input.onnx``, ``output.onnx``, ``norms.npz``, ``task.json`` staged in a temp folder,
-   checked end to end (ORT vs PyTorch logits on held-out rows), then swapped in as one folder;
-   identical files already in place are left untouched;
-3. a mixed-task batch through one backbone call, when the backbone serves more than one task;
-4. the manifest (the only file that makes new artifacts visible to a reader), re-read and written
-   under the repository's lock (``repository_lock``), so concurrent exports of different tasks all land;
-5. with ``quantize="int8"``: the int8 variant, each task's held-out accuracy float vs int8, and the
-   manifest again, only when no task loses more than the tolerance (or ``force``).
+1. shared files, one transaction: each body's backbone ONNX, once per fingerprint (skipped when the
+   manifest lists it and its checksum verifies; otherwise exported to a temp file, checked against the
+   PyTorch body, renamed into place), and each head shape's shared graphs. They are listed at once, so
+   the tasks below are checked against listed files and a concurrent export of the same body reuses them;
+2. per task, outside the lock: ``input.onnx``, ``output.onnx``, ``norms.npz``, ``heads.npz``,
+   ``task.json`` staged in a temp folder, checked end to end (ORT vs PyTorch logits on held-out rows),
+   then swapped in as one folder; identical files already in place are left untouched;
+3. the tasks, one transaction: listed beside every other writer's, a mixed-task batch through one
+   backbone call when the backbone serves more than one task and, with ``quantize="int8"``, the int8
+   variant with each task's held-out accuracy float vs int8, listed only when no task loses more than
+   the tolerance (or ``force``). A refused variant leaves the tasks listed and its file removed.
 """
 
 from __future__ import annotations
@@ -33,17 +36,25 @@ from fpt_deploy.export.quantize import METHOD, QuantizationAccuracyError, check_
 from fpt_deploy.export.validate import OrtTask, accuracy, check_backbone, check_mixed_batch, check_task, ort_session
 
 from fpt_deploy.artifacts import (
+    FP32,
+    HEAD_ROWS_FILE,
     INPUT_HEAD_INPUT,
+    MANIFEST,
+    NORMS_FILE,
     OUTPUT_HEAD_OUTPUT,
+    TASK_FILE,
+    TASKS_DIR,
     BackboneArtifact,
     HeadsArtifact,
     Repository,
     TaskArtifact,
-    backbone_dir,
-    open_repository,
-    repository_lock,
+    backbone_file,
+    graph_files,
+    json_text,
+    manifest_update,
     sha256_file,
     task_dir,
+    task_file,
     verify_file,
 )
 from fpt_deploy.atomic import replace_dir, write_with
@@ -51,9 +62,7 @@ from fpt_deploy.errors import ArtifactError, DataUnavailableError, ExportUnsuppo
 
 log = logging.getLogger(__name__)
 
-TASK_FILE = "task.json"
-HEAD_ROWS_FILE = "heads.npz"  # the task's rows of its shape's shared head tables (export/heads.py)
-FP32, INT8 = "fp32", "int8"
+INT8 = "int8"
 CALIBRATION_ROWS = 256  # held-out rows a task lends to the int8 variant's SmoothQuant ranges
 
 
@@ -83,7 +92,7 @@ def export_task(config: ExportConfig) -> ExportResult:
     """Export every task of ``config`` into ``config.repo`` and validate it; see the module docstring."""
     from fpt_deploy.checkpoint import load_checkpoint
 
-    repo = open_repository(config.repo, create=True)
+    root = Path(config.repo)
     loaded = []
     for i, path in enumerate(config.checkpoint_paths()):
         model, task, ckpt = load_checkpoint(path)
@@ -95,61 +104,45 @@ def export_task(config: ExportConfig) -> ExportResult:
             )
         loaded.append((path, model.eval(), task, ckpt))
     result = ExportResult(config.repo, {}, {})
-    sessions, data = {}, {}  # fingerprint -> fp32 backbone session; task -> held-out TaskData
-    for path, model, task, ckpt in loaded:
-        fp = ckpt["fingerprint"]
-        if fp not in sessions:
-            with repository_lock(repo.root):
-                _reread_manifest(repo)
-                artifact, written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
-                if written:  # listed at once: a concurrent export of the same body reuses this file
-                    repo.save_manifest()
+    backbones, heads = {}, {}  # fingerprint -> BackboneArtifact; task -> its shape's HeadsArtifact
+    with manifest_update(root) as repo:
+        for _, model, task, ckpt in loaded:
+            fp = ckpt["fingerprint"]
+            if fp not in backbones:
+                backbones[fp], written = ensure_backbone(repo, model.body, ckpt["backbone"], config.opset, config.atol)
+                if written:
                     result.backbones_written.append(f"{fp[:16]}/{FP32}")
-            sessions[fp] = ort_session(artifact.path(repo.root, FP32))
+            heads[task.name], _ = ensure_head_graphs(repo, model, config.opset)
+    sessions = {fp: ort_session(b.path(root, FP32)) for fp, b in backbones.items()}  # fingerprint -> fp32 session
+    data = {}  # task -> held-out TaskData
+    for path, model, task, ckpt in loaded:
         data[task.name] = task.load_data("test", config.data_dir, config.download, seed=0)
         raw = data[task.name].inputs[: config.validation_rows]
-        with repository_lock(repo.root):
-            _reread_manifest(repo)
-            heads, written = ensure_head_graphs(repo, model, config.opset)
-            if written:  # listed at once, like the backbone: tasks of this shape exported elsewhere reuse it
-                repo.save_manifest()
-        export = write_task(repo, model, task, ckpt, path, sessions[fp], raw, config, heads)
-        result.tasks[task.name] = export
-    with repository_lock(repo.root):  # other exports may have listed their tasks since this one began
-        _reread_manifest(repo, result.tasks)
+        backbone = sessions[ckpt["fingerprint"]]
+        result.tasks[task.name] = write_task(root, model, task, ckpt, path, backbone, raw, config, heads[task.name])
+    refused = None
+    with manifest_update(root) as repo:  # other exports may have listed their tasks since this one began
+        repo.tasks |= {name: export.artifact for name, export in result.tasks.items()}
         for fp, backbone in sessions.items():
             ort_tasks = _ort_tasks_with_data(repo, fp, data)
             if len(ort_tasks) > 1:
                 result.mixed_batch_diff[fp] = check_mixed_batch(ort_tasks, backbone, config.atol)
-        repo.save_manifest()
-    _say_old_format_tasks(repo)
-    log.info(
-        "manifest %s lists %d task(s) on %d backbone(s)",
-        repo.root / "manifest.json",
-        len(repo.tasks),
-        len(repo.backbones),
-    )
-    if config.quantize == INT8:
-        for fp in sessions:
-            with repository_lock(repo.root):
-                _reread_manifest(repo, result.tasks)
+        for fp in sessions if config.quantize == INT8 else ():
+            try:
                 written, report = ensure_int8_backbone(repo, fp, data, config, sessions[fp])
+            except QuantizationAccuracyError as e:
+                refused = (fp, e)  # the tasks are listed all the same; the variant is not
+                break
             result.accuracy |= report
             if written:
                 result.backbones_written.append(f"{fp[:16]}/{INT8}")
-    result.backbones = {fp: {v: repo.root / f for v, f in repo.backbones[fp].files.items()} for fp in sessions}
+    if refused is not None:
+        (root / backbone_file(refused[0], INT8)).unlink(missing_ok=True)  # unlisted first, then removed
+        raise refused[1]
+    _say_old_format_tasks(repo)
+    log.info("manifest %s lists %d task(s) on %d backbone(s)", root / MANIFEST, len(repo.tasks), len(repo.backbones))
+    result.backbones = {fp: {v: root / f for v, f in repo.backbones[fp].files.items()} for fp in sessions}
     return result
-
-
-def _reread_manifest(repo: Repository, ours: dict[str, TaskExport] | None = None) -> None:
-    """Make ``repo`` what the manifest on disk lists now, plus the tasks this run exported (``ours``).
-
-    Call it holding ``repository_lock``: what is then saved keeps every other writer's tasks.
-    """
-    current = open_repository(repo.root, create=True)
-    repo.backbones = current.backbones
-    repo.tasks = current.tasks | {name: export.artifact for name, export in (ours or {}).items()}
-    repo.heads = current.heads
 
 
 def _say_old_format_tasks(repo: Repository) -> None:
@@ -168,8 +161,8 @@ def _say_old_format_tasks(repo: Repository) -> None:
 def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) -> tuple[BackboneArtifact, bool]:
     """The repository's fp32 backbone for ``body``, exported only when no verified copy is listed.
 
-    Returns the artifact (added to ``repo.backbones``; the caller saves the manifest) and whether a
-    file was written. The new file is checked against the PyTorch body before it is renamed into place.
+    Returns the artifact (added to ``repo.backbones``, inside the caller's ``manifest_update``) and
+    whether a file was written. The new file is checked against the PyTorch body before it is renamed into place.
     """
     fp = body.fingerprint()
     existing = repo.backbones.get(fp)
@@ -182,7 +175,7 @@ def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) 
             return existing, False
         except ArtifactError as e:
             log.warning("%s; exporting the backbone again", e)
-    rel = f"{backbone_dir(fp)}/backbone.onnx"
+    rel = backbone_file(fp)
     log.info("exporting backbone %s (%s) to %s", fp[:16], name, repo.root / rel)
 
     def write_and_check(tmp: Path) -> None:
@@ -211,7 +204,7 @@ def ensure_backbone(repo: Repository, body, name: str, opset: int, atol: float) 
 
 
 def write_task(
-    repo: Repository,
+    root: Path,
     model,
     task,
     ckpt: dict,
@@ -223,30 +216,30 @@ def write_task(
 ) -> TaskExport:
     """Stage, validate and swap in one task's folder (heads, rows of the shared heads, norms, task.json)."""
     rel = task_dir(task.name)
-    stage = Path(tempfile.mkdtemp(dir=_ensure_dir(repo.root / "tasks"), prefix=f".{task.name}.", suffix=".stage"))
+    stage = Path(tempfile.mkdtemp(dir=_ensure_dir(root / TASKS_DIR), prefix=f".{task.name}.", suffix=".stage"))
     try:
         graphs = write_task_graphs(model, stage, config.opset)
         ort_task = OrtTask.load(graphs.input, graphs.output, task_norms(model))
         diff = check_task(task.name, model, ort_task, backbone, raw, config.atol)
         write_task_rows(model, stage / HEAD_ROWS_FILE)
-        diff = max(diff, check_shared_heads(task.name, model, heads, repo.root, backbone, raw, config.atol))
+        diff = max(diff, check_shared_heads(task.name, model, heads, root, backbone, raw, config.atol))
         artifact = _task_artifact(task, ckpt, checkpoint, graphs, rel, diff, len(raw), config.opset)
         artifact.heads = heads.key
         artifact.files["heads"] = f"{rel}/{HEAD_ROWS_FILE}"
         artifact.sha256["heads"] = sha256_file(stage / HEAD_ROWS_FILE)
         size = sum(p.stat().st_size for p in (graphs.input, graphs.output, graphs.norms, stage / HEAD_ROWS_FILE))
-        written = not _same_task_in_place(repo.root, artifact)
+        written = not _same_task_in_place(root, artifact)
         if written:
-            (stage / TASK_FILE).write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")
+            (stage / TASK_FILE).write_text(json_text(artifact.to_json()))
 
             def fill(tmp: Path) -> None:
                 for f in os.listdir(stage):
                     os.replace(stage / f, tmp / f)
 
-            replace_dir(repo.root / rel, fill)
-            log.info("task %s: heads + norms %.1f KB written to %s", task.name, size / 1024, repo.root / rel)
+            replace_dir(root / rel, fill)
+            log.info("task %s: heads + norms %.1f KB written to %s", task.name, size / 1024, root / rel)
         else:
-            log.info("task %s: identical files already in %s; left untouched", task.name, repo.root / rel)
+            log.info("task %s: identical files already in %s; left untouched", task.name, root / rel)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return TaskExport(task.name, checkpoint, artifact, diff, size, written)
@@ -260,11 +253,12 @@ def ensure_int8_backbone(
     ``fp32_session`` runs the float backbone (``ort_session``).
 
     Every task of this backbone whose held-out data loads is evaluated with the float and the int8
-    graph. When one loses more than ``config.accuracy_tolerance`` points, the variant is removed from
-    the repository (and the manifest) and ``QuantizationAccuracyError`` is raised, unless ``force``.
+    graph. When one loses more than ``config.accuracy_tolerance`` points, the variant is dropped from
+    ``repo`` (the caller's ``manifest_update``; the caller removes the file once the manifest no longer
+    lists it) and ``QuantizationAccuracyError`` is raised, unless ``force``.
     """
     artifact = repo.backbones[fp]
-    rel = f"{backbone_dir(fp)}/backbone.int8.onnx"
+    rel = backbone_file(fp, INT8)
     written = False
     tasks = _ort_tasks_with_data(repo, fp, data, full=True)
     try:
@@ -291,8 +285,6 @@ def ensure_int8_backbone(
         artifact.files.pop(INT8, None)
         artifact.sha256.pop(INT8, None)
         artifact.extra.pop(INT8, None)
-        repo.save_manifest()
-        (repo.root / rel).unlink(missing_ok=True)
         raise
     artifact.files[INT8], artifact.sha256[INT8] = rel, sha256_file(repo.root / rel)
     artifact.extra[INT8] = {
@@ -301,7 +293,6 @@ def ensure_int8_backbone(
         "forced": forced,
         "accuracy_tolerance_points": config.accuracy_tolerance,
     }
-    repo.save_manifest()
     return written, report
 
 
@@ -309,7 +300,7 @@ def _task_artifact(
     task, ckpt: dict, checkpoint: Path, graphs: TaskGraphs, rel: str, diff: float, rows: int, opset: int
 ) -> TaskArtifact:
     spec = task.spec
-    files = {"input": f"{rel}/input.onnx", "output": f"{rel}/output.onnx", "norms": f"{rel}/norms.npz"}
+    files = {**graph_files(rel), "norms": f"{rel}/{NORMS_FILE}"}
     return TaskArtifact(
         name=task.name,
         fingerprint=ckpt["fingerprint"],
@@ -335,7 +326,7 @@ def _task_artifact(
 
 def _same_task_in_place(root: Path, artifact: TaskArtifact) -> bool:
     """Whether the repository already holds exactly this task (same task.json, files verified)."""
-    path = root / task_dir(artifact.name) / TASK_FILE
+    path = root / task_file(artifact.name)
     try:
         if json.loads(path.read_text()) != json.loads(json.dumps(artifact.to_json())):
             return False

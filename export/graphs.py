@@ -23,8 +23,11 @@ from fpt_deploy.artifacts import (
     BACKBONE_OUTPUT,
     INPUT_HEAD_INPUT,
     INPUT_HEAD_OUTPUTS,
+    NORMS_FILE,
     OUTPUT_HEAD_INPUTS,
     OUTPUT_HEAD_OUTPUT,
+    graph_files,
+    write_norm_rows,
 )
 
 BATCH, LENGTH = "batch", "length"
@@ -127,9 +130,7 @@ def task_norms(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_norms(model: nn.Module, path: Path) -> None:
-    weight, bias = task_norms(model)
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
-        np.savez(f, norm_weight=weight, norm_bias=bias)
+    write_norm_rows(path, *task_norms(model))
 
 
 def write_task_graphs(model: nn.Module, folder: Path, opset: int) -> TaskGraphs:
@@ -140,7 +141,8 @@ def write_task_graphs(model: nn.Module, folder: Path, opset: int) -> TaskGraphs:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    graphs = TaskGraphs(folder / "input.onnx", folder / "output.onnx", folder / "norms.npz")
+    files = graph_files(folder)
+    graphs = TaskGraphs(Path(files["input"]), Path(files["output"]), folder / NORMS_FILE)
     write_input_head_graph(model, graphs.input, opset)
     write_output_head_graph(model, graphs.output, opset)
     write_norms(model, graphs.norms)

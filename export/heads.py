@@ -35,18 +35,24 @@ from fpt_deploy.export.onnx_workarounds import EXAMPLE_BATCH, export_onnx
 from torch import nn
 
 from fpt_deploy.artifacts import (
+    HEAD_ROWS_FILE,
     HEAD_TASK_INDEX,
     INPUT_HEAD_INPUT,
     INPUT_HEAD_OUTPUTS,
+    NORMS_FILE,
     OUTPUT_HEAD_INPUTS,
     OUTPUT_HEAD_OUTPUT,
+    TASK_FILE,
     HeadsArtifact,
     Repository,
     TaskArtifact,
+    graph_files,
     heads_dir,
+    json_text,
     sha256_file,
     task_dir,
     write_head_rows,
+    write_norm_rows,
 )
 from fpt_deploy.atomic import replace_dir
 from fpt_deploy.errors import ArtifactError, ExportMismatchError
@@ -211,7 +217,8 @@ def write_head_graphs(model: nn.Module, folder: Path, opset: int) -> tuple[Path,
     inputs = (INPUT_HEAD_INPUT, HEAD_TASK_INDEX, *names)
     axes = {INPUT_HEAD_INPUT: {0: BATCH}, HEAD_TASK_INDEX: {0: BATCH}} | {n: {0: TASKS} for n in names}
     axes |= {o: {0: BATCH} for o in INPUT_HEAD_OUTPUTS}
-    input_path, output_path = folder / "input.onnx", folder / "output.onnx"
+    files = graph_files(folder)
+    input_path, output_path = Path(files["input"]), Path(files["output"])
     export_onnx(
         module,
         (raw, index, *tables),
@@ -243,7 +250,7 @@ def write_head_graphs(model: nn.Module, folder: Path, opset: int) -> tuple[Path,
 def ensure_head_graphs(repo: Repository, model: nn.Module, opset: int) -> tuple[HeadsArtifact, bool]:
     """The repository's shared graphs for ``model``'s head shape, exported when none verify yet.
 
-    Returns the artifact (added to ``repo.heads``; the caller saves the manifest) and whether files
+    Returns the artifact (added to ``repo.heads``, inside the caller's ``manifest_update``) and whether files
     were written. Whether the graphs compute this task's heads is checked by ``check_shared_heads``.
     """
     signature = head_signature(model, opset)
@@ -256,7 +263,7 @@ def ensure_head_graphs(repo: Repository, model: nn.Module, opset: int) -> tuple[
         except ArtifactError as e:
             log.warning("%s; exporting the head graphs of shape %s again", e, key)
     rel = heads_dir(key)
-    files = {"input": f"{rel}/input.onnx", "output": f"{rel}/output.onnx"}
+    files = graph_files(rel)
     replace_dir(repo.root / rel, lambda tmp: write_head_graphs(model, tmp, opset))  # both graphs, one swap
     artifact = HeadsArtifact(
         key=key,
@@ -314,12 +321,12 @@ def write_task_from_rows(
 
     For tasks whose weights come from elsewhere than a checkpoint: benchmarks and tests that load
     hundreds of tasks. The folder holds ``heads.npz``, ``norms.npz`` and ``task.json``; the task is
-    added to ``repo.tasks`` and the caller saves the manifest.
+    added to ``repo.tasks`` (inside the caller's ``manifest_update``).
     """
     if not like.heads:
         raise ArtifactError(f"task {like.name!r} has no shared head graphs (format /1); re-export it first")
     rel = task_dir(name)
-    files = {"heads": f"{rel}/heads.npz", "norms": f"{rel}/norms.npz"}
+    files = {"heads": f"{rel}/{HEAD_ROWS_FILE}", "norms": f"{rel}/{NORMS_FILE}"}
     artifact = TaskArtifact(
         name=name,
         fingerprint=like.fingerprint,
@@ -334,11 +341,10 @@ def write_task_from_rows(
     )
 
     def fill(tmp: Path) -> None:  # the whole folder, task.json included, appears in one rename
-        write_head_rows(tmp / "heads.npz", rows)
-        with open(tmp / "norms.npz", "wb") as f:
-            np.savez(f, norm_weight=norms[0].astype(np.float32), norm_bias=norms[1].astype(np.float32))
+        write_head_rows(tmp / HEAD_ROWS_FILE, rows)
+        write_norm_rows(tmp / NORMS_FILE, *norms)
         artifact.sha256 = {k: sha256_file(tmp / Path(f).name) for k, f in files.items()}
-        (tmp / "task.json").write_text(json.dumps(artifact.to_json(), indent=2, sort_keys=True) + "\n")
+        (tmp / TASK_FILE).write_text(json_text(artifact.to_json()))
 
     replace_dir(repo.root / rel, fill)
     repo.tasks[name] = artifact

@@ -9,26 +9,12 @@ activation ranges on calibration rows (the exporter passes each task's first hel
 file depends on the tasks present when it was written; a task exported later is served by the same
 file and still checked for accuracy. The norm scales and biases are graph inputs, so they stay
 float32 and every task keeps its own; attention's activation-by-activation MatMuls stay float.
+The file stays portable like the float one: the ONNX Runtime runtime writes the residual ``Add`` in
+front of each LayerNormalization as ``Sum`` when it loads it (``serving/runtimes/ort_rewrite.py``).
 
-What was measured (MiniLM on MNIST, 1000 held-out images; ``bench.export_backbone`` for speed):
-- per-TENSOR int8 weights cost 12.8 points once the FFN output layers were quantized too: one
-  scale for a whole 1536x384 weight is too coarse. With per-channel weights every MatMul can be
-  int8 (keeping the FFN output layers float left a third of the weight FLOPs in fp32 and capped the
-  speed-up near 1.4x). The error is spread over all layers (no single layer or kind of MatMul
-  dominates it): -0.8 and +0.2 points on 68% and 84% checkpoints, -1.0 on an 89.7% one (the old
-  per-tensor variant with float FFN outputs: -0.8 there), which the tolerance check refuses;
-- the file stays portable like the float one: the ONNX Runtime runtime writes the residual ``Add``
-  in front of each LayerNormalization as ``Sum`` when it loads it (``serving/runtimes/ort_rewrite.py``).
-- static QDQ quantization (per-channel weights, calibrated on a task's training rows, the residual
-  stream kept out of its Q/DQ pairs) runs as fast (``MatMulIntegerToFloat``); on the 89.7%
-  checkpoint MinMax calibration lost 0.9 points, Percentile 99.999 0.3 (as many predictions flip
-  as with dynamic scales). Its scales depend on the tasks it was calibrated with; not used yet.
-- SmoothQuant before the dynamic quantization (256 train rows for the ranges; 1000 held-out images,
-  predictions changed vs fp32): alpha 0.3 -5.7 points (112 changed), 0.5 -0.2 (20), 0.6 -0.5 (13),
-  0.7 -0.7 (7), 0.75 -0.2 (7), 0.8 +0.2 (6), 0.85 +0.1 (9), 0.9 -0.2 (12), against -1.0 (17) without,
-  on the 89.7% checkpoint; on an 84.3% one 0.75 halves the changed predictions too (33 -> 13). The
-  logit error vs fp32 is lowest at 0.7-0.8 (RMS 0.28 -> 0.15). The 24 extra Muls cost 0-5% of int8
-  speed. Smoothed float graph vs the original: max |logit difference| < 5e-5.
+Why per-channel weights, dynamic activation scales and SmoothQuant at ``SMOOTH_ALPHA``, and what the
+alternatives (per-tensor weights, static QDQ, other alphas) cost in accuracy: BENCHMARKS.md, "int8
+backbone: the choices measured".
 """
 
 from __future__ import annotations
@@ -42,7 +28,7 @@ from fpt_deploy.onnx_files import is_large, save_model
 
 log = logging.getLogger(__name__)
 
-SMOOTH_ALPHA = 0.75  # see the module docstring: 0.7-0.8 changed the fewest predictions
+SMOOTH_ALPHA = 0.75  # changed the fewest predictions of the alphas tried (BENCHMARKS.md, int8 backbone)
 METHOD = (
     f"SmoothQuant (alpha {SMOOTH_ALPHA}) + onnxruntime dynamic quantization: int8 weights per output channel, "
     "every weight MatMul"

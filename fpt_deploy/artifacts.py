@@ -39,9 +39,17 @@ TASK_FORMAT = "fpt-deploy-task/2"
 # input.onnx / output.onnx (two sessions a task); re-exporting upgrades them to /2.
 READABLE_REPOSITORY_FORMATS = ("fpt-deploy-repository/1", REPOSITORY_FORMAT)
 READABLE_TASK_FORMATS = ("fpt-deploy-task/1", TASK_FORMAT)
+
+# The repository's file names: every writer and reader builds paths with these (layout above).
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # taken by every writer of the manifest (``repository_lock``)
 LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another one to finish
+TASKS_DIR, BACKBONES_DIR, HEADS_DIR = "tasks", "backbones", "heads"
+TASK_FILE = "task.json"
+INPUT_GRAPH, OUTPUT_GRAPH = "input.onnx", "output.onnx"  # a task's own graphs, and a head shape's shared ones
+NORMS_FILE = "norms.npz"
+HEAD_ROWS_FILE = "heads.npz"  # the task's rows of its shape's shared head tables (export/heads.py)
+FP32 = "fp32"  # the backbone variant every repository holds; others are written beside it
 
 # Graph I/O names: the contract between export and serving (docs/architecture.md, "Backbone contract").
 BACKBONE_INPUTS = ("hidden", "attention_mask", "norm_weight", "norm_bias")
@@ -67,21 +75,42 @@ def sha256_file(path: Path) -> str:
 
 
 def backbone_dir(fingerprint: str) -> str:
-    return f"backbones/{fingerprint[:16]}"
+    return f"{BACKBONES_DIR}/{fingerprint[:16]}"
+
+
+def backbone_file(fingerprint: str, variant: str = FP32) -> str:
+    """``backbones/<fp16>/backbone.onnx``, or ``backbone.<variant>.onnx`` for another variant."""
+    suffix = "" if variant == FP32 else f".{variant}"
+    return f"{backbone_dir(fingerprint)}/backbone{suffix}.onnx"
 
 
 def task_dir(task: str) -> str:
-    return f"tasks/{task}"
+    return f"{TASKS_DIR}/{task}"
+
+
+def task_file(task: str) -> str:
+    return f"{task_dir(task)}/{TASK_FILE}"
 
 
 def heads_dir(key: str) -> str:
-    return f"heads/{key}"
+    return f"{HEADS_DIR}/{key}"
+
+
+def graph_files(folder: str | Path) -> dict[str, str]:
+    """The ``input`` and ``output`` graph paths of a task's or a head shape's folder, by kind."""
+    return {"input": f"{folder}/{INPUT_GRAPH}", "output": f"{folder}/{OUTPUT_GRAPH}"}
 
 
 def write_head_rows(path: Path, rows: dict[str, np.ndarray]) -> None:
     """A task's ``heads.npz``: its rows of the head tables, one float32 array per table name."""
     with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
         np.savez(f, **{name: np.ascontiguousarray(a, dtype=np.float32) for name, a in rows.items()})
+
+
+def write_norm_rows(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    """A task's ``norms.npz``: its norm scales and biases, (N_norm, D) float32 each."""
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
+        np.savez(f, norm_weight=weight.astype(np.float32), norm_bias=bias.astype(np.float32))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -96,8 +125,13 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def json_text(data: dict) -> str:
+    """How the repository writes JSON (sorted keys, indented): equal data, equal text."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(data))
 
 
 def verify_file(root: Path, rel: str, sha256: str) -> Path:
@@ -124,7 +158,7 @@ class BackboneArtifact:
     opset: int
     extra: dict = field(default_factory=dict)  # e.g. quantization report
 
-    def path(self, root: Path, variant: str = "fp32") -> Path:
+    def path(self, root: Path, variant: str = FP32) -> Path:
         if variant not in self.files:
             raise ArtifactError(
                 f"backbone {self.fingerprint[:16]} has no {variant!r} variant "
@@ -255,10 +289,7 @@ class Repository:
             "backbones": {
                 fp: {k: v for k, v in b.__dict__.items() if k != "fingerprint"} for fp, b in self.backbones.items()
             },
-            "tasks": {
-                name: {"file": f"{task_dir(name)}/task.json", "fingerprint": t.fingerprint}
-                for name, t in self.tasks.items()
-            },
+            "tasks": {name: {"file": task_file(name), "fingerprint": t.fingerprint} for name, t in self.tasks.items()},
             "heads": {key: {k: v for k, v in h.__dict__.items() if k != "key"} for key, h in self.heads.items()},
         }
 
@@ -327,3 +358,21 @@ def repository_lock(root: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterat
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def manifest_update(root: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Repository]:
+    """One repository transaction: lock, re-read the manifest, let the block change it, write it once.
+
+    The block gets the repository as the manifest on disk lists it now (empty when there is none), so
+    what it adds keeps every other writer's entries. The manifest is replaced in one atomic rename when
+    the block ends normally and changed something; when the block raises, the manifest on disk is left
+    as it was. Files the block writes must be complete before it ends: the manifest makes them visible.
+    """
+    with repository_lock(root, timeout):
+        repo = open_repository(root, create=True)
+        # As text, not a dict: to_manifest shares the artifacts' dicts, which the block may change in place.
+        before = json_text(repo.to_manifest()) if (repo.root / MANIFEST).is_file() else None
+        yield repo
+        if json_text(repo.to_manifest()) != before:
+            repo.save_manifest()

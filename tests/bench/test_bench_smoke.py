@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench.config import SECTIONS, SuiteConfig  # noqa: E402
 from bench.many_tasks import traffic  # noqa: E402
-from bench.suite import SECTIONS, SuiteConfig, run_suite  # noqa: E402
+from bench.suite import run_suite  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,24 @@ def test_benchmarks_md_keeps_one_section_per_machine(tmp_path):
     assert text.count("<!-- machine: ") == 3
     assert "day 2" in text and text.count("Xeon (AVX-512), 2 cores -->") == 1
     assert "## Old EPYC (an earlier version of the suite)" in text  # the file from before, kept
+
+
+def test_benchmarks_md_keeps_the_notes_written_by_hand(tmp_path):
+    from bench.report import NOTES_START, write_markdown
+
+    results = {
+        "machine": {"cpu": "Xeon", "cores_physical": 2},
+        "started": "day 1",
+        "summary": {"levels": [], "goals": []},
+    }
+    path = tmp_path / "BENCHMARKS.md"
+    write_markdown(results, path)
+    notes = f"{NOTES_START} -->\n## Measured by hand\n\n- int8: alpha 0.75, 7 predictions changed\n"
+    path.write_text(path.read_text() + "\n" + notes)
+    write_markdown({**results, "started": "day 2"}, path)  # a re-run on the same machine
+    text = path.read_text()
+    assert "day 2" in text and "day 1" not in text
+    assert text.endswith(notes) and text.count(NOTES_START) == 1
 
 
 def test_report_only_rederives_the_report_from_a_saved_run(suite, tmp_path):

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from fpt_deploy.artifacts import LOCK, open_repository, repository_lock, write_json
+from fpt_deploy.artifacts import (
+    LOCK,
+    MANIFEST,
+    manifest_update,
+    open_repository,
+    repository_lock,
+    task_file,
+    write_json,
+)
 from fpt_deploy.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,14 +71,12 @@ def test_a_killed_writer_releases_the_lock(tmp_path):
 
 
 def _add_task_as_an_export_does(root: Path, name: str, barrier) -> None:
-    """Write a task's folder, then list it: re-read the manifest, add, save, under the lock (as export_task)."""
+    """Write a task's folder, then list it in one repository transaction (as export_task)."""
     art = dataclasses.replace(open_repository(root).tasks["vec"], name=name)
-    write_json(root / "tasks" / name / "task.json", art.to_json())
+    write_json(root / task_file(name), art.to_json())
     barrier.wait()  # every writer reaches the manifest at the same moment
-    with repository_lock(root):
-        repo = open_repository(root)
+    with manifest_update(root) as repo:
         repo.tasks[name] = art
-        repo.save_manifest()
 
 
 def test_eight_processes_listing_tasks_at_the_same_moment_all_land(tmp_path):
@@ -90,9 +96,28 @@ def test_eight_processes_listing_tasks_at_the_same_moment_all_land(tmp_path):
     assert set(open_repository(root).tasks) == {"vec", "vec2", "tok", *names}
 
 
+def test_a_transaction_that_raises_leaves_the_manifest_as_it_was(tmp_path):
+    from tests.serving.conftest import build_synthetic_repo
+
+    root = build_synthetic_repo(tmp_path / "repo")
+    before = (root / MANIFEST).read_bytes()
+    with pytest.raises(RuntimeError, match="midway"):
+        with manifest_update(root) as repo:
+            repo.tasks.pop("vec")
+            raise RuntimeError("midway")
+    assert (root / MANIFEST).read_bytes() == before
+    inode = (root / MANIFEST).stat().st_ino
+    with manifest_update(root) as repo:  # unchanged: not rewritten (a rewrite is a rename: a new inode)
+        pass
+    assert (root / MANIFEST).stat().st_ino == inode
+    with manifest_update(root) as repo:
+        repo.tasks.pop("vec")
+    assert set(open_repository(root).tasks) == {"vec2", "tok"}
+
+
 @pytest.mark.slow  # two real export processes: about a minute on two cores
 def test_concurrent_exports_of_different_tasks_all_land_and_serve(tiny_checkpoints, tmp_path):
-    """The issue's report: two exports of different tasks at once, both exit 0, one task missing.
+    """Two exports of different tasks at once: both exit 0 and the manifest lists both tasks.
 
     bench/concurrent_export.py runs the same (its ``export_concurrently``) with more processes, many times.
     """

@@ -63,7 +63,13 @@ def test_two_tasks_share_exactly_one_backbone_file(exported):
     assert not leftovers, "no temp files or staging folders are left behind"
 
 
-def test_reexport_leaves_backbone_and_unchanged_tasks_untouched(exported, repo_copy, tiny_checkpoints):
+def test_reexport_leaves_backbone_and_unchanged_tasks_untouched(exported, repo_copy, tiny_checkpoints, monkeypatch):
+    import fpt_deploy.artifacts as artifacts
+
+    locks, writes = [], []
+    real_lock, real_save = artifacts.repository_lock, artifacts.Repository.save_manifest
+    monkeypatch.setattr(artifacts, "repository_lock", lambda *a, **k: locks.append(1) or real_lock(*a, **k))
+    monkeypatch.setattr(artifacts.Repository, "save_manifest", lambda self: writes.append(1) or real_save(self))
     repo = open_repository(repo_copy)
     backbone = next(iter(repo.backbones.values())).path(repo.root)
     before = (backbone.read_bytes(), backbone.stat().st_mtime_ns)
@@ -75,6 +81,8 @@ def test_reexport_leaves_backbone_and_unchanged_tasks_untouched(exported, repo_c
     assert not any(t.written for t in result.tasks.values())
     assert {p: p.stat().st_mtime_ns for p in heads} == heads
     assert open_repository(repo_copy).to_manifest() == repo.to_manifest()
+    # Two repository transactions (shared files, then tasks); nothing changed, so the manifest is not rewritten.
+    assert (len(locks), len(writes)) == (2, 0)
 
 
 @pytest.mark.parametrize("name", ["mnist", "bit-xor"])

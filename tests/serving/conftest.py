@@ -159,27 +159,36 @@ SYNTHETIC_TASKS = {  # name: (input kind, seq_len, width or vocab, classes)
 
 
 def build_synthetic_repo(root: Path, tasks: dict = SYNTHETIC_TASKS, seed: int = 0) -> Path:
-    from fpt_deploy.artifacts import BackboneArtifact, Repository, TaskArtifact, backbone_dir, task_dir, write_json
+    from fpt_deploy.artifacts import (
+        NORMS_FILE,
+        BackboneArtifact,
+        Repository,
+        TaskArtifact,
+        backbone_file,
+        graph_files,
+        task_dir,
+        task_file,
+        write_json,
+    )
     from fpt_deploy.taskspec import TaskSpec
 
     rng = np.random.default_rng(seed)
     fingerprint = hashlib.sha256(b"synthetic-backbone").hexdigest()
-    bdir = backbone_dir(fingerprint)
-    sha = build_backbone(root / bdir / "backbone.onnx")
+    sha = build_backbone(root / backbone_file(fingerprint))
     backbone = BackboneArtifact(
         fingerprint=fingerprint,
         name="synthetic",
         hidden_size=D,
         num_norms=N_NORM,
         norm_names=["n0", "n1"],
-        files={"fp32": f"{bdir}/backbone.onnx"},
+        files={"fp32": backbone_file(fingerprint)},
         sha256={"fp32": sha},
         opset=17,
     )
     repo = Repository(root=root, backbones={fingerprint: backbone})
     for name, (kind, seq, width, classes) in tasks.items():
         tdir = task_dir(name)
-        files = {"input": f"{tdir}/input.onnx", "output": f"{tdir}/output.onnx", "norms": f"{tdir}/norms.npz"}
+        files = {**graph_files(tdir), "norms": f"{tdir}/{NORMS_FILE}"}
         sums = {
             "input": build_input_head(root / files["input"], rng, kind, seq, width),
             "output": build_output_head(root / files["output"], rng, classes),
@@ -210,7 +219,7 @@ def build_synthetic_repo(root: Path, tasks: dict = SYNTHETIC_TASKS, seed: int = 
             files=files,
             sha256=sums,
         )
-        write_json(root / tdir / "task.json", art.to_json())
+        write_json(root / task_file(name), art.to_json())
         repo.tasks[name] = art
     repo.save_manifest()
     return root

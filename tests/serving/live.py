@@ -1,19 +1,26 @@
-"""A real server in this process: uvicorn on a free port in a thread, gRPC beside it (for tritonclient
-and the browser, which need sockets rather than FastAPI's TestClient)."""
+"""Real servers for the serving tests, on loopback sockets (tritonclient and the browser need them).
+
+- ``live_server``: in this process, uvicorn on a free port in a thread, gRPC beside it;
+- ``ServerProcess`` (``bench/server_process.py``, shared with the benchmarks): ``fpt-deploy serve``
+  or any launcher in a child process, ready when it answers ``/v2/health/ready``, stopped with SIGTERM.
+"""
 
 from __future__ import annotations
 
-import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.server_process import ServerProcess, ServerStartError, free_port  # noqa: E402
+
+__all__ = ["LiveServer", "ServerProcess", "ServerStartError", "free_port", "live_server"]
 
 
 @dataclass

@@ -14,8 +14,6 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +22,8 @@ import numpy as np
 import pytest
 from fpt_deploy.serving.errors import InvalidInputError, MalformedRequestError
 from fpt_deploy.serving.protocol import DeclaredTensor, InputContract, JsonLimits, decode_request, validate_inputs
+
+from tests.serving.live import ServerProcess, free_port
 
 RSS_BOUND = 40 << 20
 LIMITS = {
@@ -52,12 +52,6 @@ serve(ServeConfig(**json.loads(sys.argv[1])))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tensor_json(name="input", datatype="FP32", shape=(1, 4, 3), data=None, **extra) -> bytes:
     data = np.linspace(-1, 1, int(np.prod(shape))).tolist() if data is None else data
     return json.dumps(
@@ -68,70 +62,19 @@ def tensor_json(name="input", datatype="FP32", shape=(1, 4, 3), data=None, **ext
 GOOD = tensor_json()
 
 
-class Server:
-    """A real ``serve`` process on the synthetic repository with ``LIMITS``."""
+class Server(ServerProcess):
+    """A real ``serve`` process on the synthetic repository with ``LIMITS`` (``LAUNCH``), ready."""
 
     def __init__(self, repo: Path, log_path: Path, **overrides) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        config = {**LIMITS, **overrides, "repo": str(repo), "port": self.port}
-        self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, json.dumps(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).parents[2],
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}: {log_path.read_text()}")
-            try:
-                if self.request("GET", "/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not become ready within 60 s")
-            time.sleep(0.05)
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        port = free_port()
+        config = {**LIMITS, **overrides, "repo": str(repo), "port": port}
+        super().__init__("hostile", ["-c", LAUNCH, json.dumps(config)], port, log_path=log_path, ready_timeout=60.0)
+        self.wait_ready()
 
     def rss(self) -> int:
         import psutil
 
         return psutil.Process(self.proc.pid).memory_info().rss
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def metric(self, name: str) -> float:
-        status, body = self.request("GET", "/metrics")
-        assert status == 200
-        total = 0.0
-        prefixes = (name,) if "{" in name else (name + " ", name + "{")  # a name, or a name and labels
-        for line in body.decode().splitlines():
-            if line.startswith(prefixes):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[int | None, bytes, bool]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.serving.live import ServerProcess
+
 ROWS = 24  # rows per task sent through the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
@@ -106,59 +101,11 @@ def expected(exported_repo, rows, tmp_path_factory) -> dict[str, dict[str, np.nd
 
 @pytest.fixture(scope="module")
 def server(exported_repo, tmp_path_factory):
-    port = free_port()
+    """``fpt-deploy serve`` on the exported repository: (the ``ServerProcess``, its URL, its port)."""
+    options = dict(max_batch_size=16, max_queue_delay_ms=100, pad_tolerance=10, threads=1, max_body_bytes=1 << 20)
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log_file = open(log_path, "w")  # noqa: SIM115  (closed in the finally below)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fpt_deploy.cli",
-            "serve",
-            "--repo",
-            str(exported_repo),
-            "--port",
-            str(port),
-            "--max-batch-size",
-            "16",
-            "--max-queue-delay-ms",
-            "100",
-            "--pad-tolerance",
-            "10",
-            "--threads",
-            "1",
-            "--max-body-bytes",
-            str(1 << 20),
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=Path(__file__).parents[2],
-    )
-    proc.log_path = log_path
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {log_path.read_text()}")
-            try:
-                if http("GET", f"{url}/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not become ready within 60 s")
-            time.sleep(0.2)
-        yield proc, url, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log_file.close()
+    with ServerProcess.fpt_deploy(exported_repo, log_path=log_path, ready_timeout=60.0, **options) as proc:
+        yield proc, proc.url, proc.port
 
 
 def triton_client(port: int, concurrency: int = 1):
