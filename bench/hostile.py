@@ -27,6 +27,7 @@ Beside the table: a good request's p50/p99 when idle and during cases 1 and 2 (g
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import os
