@@ -42,6 +42,9 @@ class ServerBusyError(FptDeployError, RuntimeError):
 
 
 class UnloadTimeoutError(FptDeployError, TimeoutError):
-    """An unload whose task still had requests when its timeout passed; the task keeps serving: 503."""
+    """An unload whose task still had requests when its timeout passed; the task keeps serving: 409.
 
-    status = 503
+    A conflict with the task's state, not a server failure: the client retries once the requests finish.
+    """
+
+    status = 409

@@ -44,7 +44,7 @@ CLASSIFICATION = "classification"  # the output parameter Triton's classificatio
 # ``status`` attribute (serving/errors.py), 400 for any other FptDeployError, else 500.
 _STATUSES: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownNameError, 404),  # no such model or version
-    (TimeoutError, 503),  # an unload whose requests did not finish in time: retry later
+    (TimeoutError, 409),  # an unload whose requests did not finish in time: the task serves on, retry later
 )
 
 

@@ -95,7 +95,7 @@ def test_an_unload_that_times_out_leaves_the_task_serving_never_ready_and_refusi
             if index_of(client)["vec"][0] == "UNLOADING":  # still draining after the ready call (no race)
                 assert ready != 200
             unload = unloading.result(10)
-            assert unload.status_code == 503, unload.text
+            assert unload.status_code == 409, unload.text
             assert "keeps serving" in unload.json()["error"]
             assert index_of(client)["vec"] == ("READY", "")
             assert client.get("/v2/models/vec/ready").status_code == 200
