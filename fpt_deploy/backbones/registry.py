@@ -23,6 +23,7 @@ from fpt_deploy.errors import UnknownNameError
 from fpt_deploy.plugins import PluginGroup
 
 ENTRY_POINT_GROUP = "fpt_deploy.backbones"
+SEEDED = re.compile(r"^(random-[\w.-]+)@seed(\d+)$")  # a random body drawn with another seed
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
 
 
@@ -82,10 +83,10 @@ def list_backbones() -> list[BackboneEntry]:
     return list(_REGISTRY.values())
 
 
-def load_lstm_by_name(name: str):
+def load_lstm_by_name(name: str, seed: int = 0):
     from fpt_deploy.backbones.lstm import load_lstm_by_name
 
-    return load_lstm_by_name(name)
+    return load_lstm_by_name(name, seed)
 
 
 def load_backbone(name: str):
@@ -95,8 +96,13 @@ def load_backbone(name: str):
     """
     _load_entry_points()
     if name not in _CACHE:
+        seeded = SEEDED.match(name)
         if name in _REGISTRY:
             body = _REGISTRY[name].loader()
+        elif seeded and seeded.group(1) in _REGISTRY:  # random-gpt2@seed1: the same shapes, another init
+            body = _REGISTRY[seeded.group(1)].loader(seed=int(seeded.group(2)))
+        elif seeded and (lstm := load_lstm_by_name(seeded.group(1), int(seeded.group(2)))) is not None:
+            body = lstm
         elif (lstm := load_lstm_by_name(name)) is not None:  # random-lstm-<width>
             body = lstm
         elif is_checkpoint(name):  # a trained body: the paper's Bit-Memory-pretrained start

@@ -27,10 +27,11 @@ def test_random_bodies_at_every_size_are_registered():
 
 def test_lstm_width_is_in_the_name_and_init_is_seeded():
     body = load_backbone("random-lstm-48")
-    assert body.hidden_size == 48 and body.num_norms == 3 and len(body.lstms) == 3
+    assert body.hidden_size == 48 and body.num_norms == 27 and len(body.layers) == 3
     from fpt_deploy.backbones.lstm import random_lstm
 
     assert random_lstm(48).fingerprint() == body.fingerprint() != random_lstm(48, seed=1).fingerprint()
+    assert load_backbone("random-lstm-48@seed1").fingerprint() == random_lstm(48, seed=1).fingerprint()
 
 
 def test_lstm_norms_are_per_row_and_padding_never_reaches_real_tokens():
@@ -38,7 +39,7 @@ def test_lstm_norms_are_per_row_and_padding_never_reaches_real_tokens():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 6, 16, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    w, b = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    w, b = torch.randn(2, 27, 16, generator=g), torch.randn(2, 27, 16, generator=g)
     out = body(hidden, mask, w, b)
     alone = body(hidden[:1, :4], mask[:1, :4], w[:1], b[:1])
     torch.testing.assert_close(out[:1, :4], alone)  # row 0's real tokens: as if no padding followed
