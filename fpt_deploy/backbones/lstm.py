@@ -37,6 +37,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fpt_deploy.backbones.base import Body, dropout
@@ -53,10 +54,13 @@ NAME = re.compile(r"^random-lstm(?:-(\d+))?$")  # random-lstm, random-lstm-384, 
 
 
 def reference_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference's layer norm over the last dim: (x - mean) / sqrt(unbiased var + eps) * weight + bias."""
-    mean = x.mean(-1, keepdim=True)
-    var = x.var(-1, keepdim=True, unbiased=True)
-    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+    """The reference's layer norm over the last dim: (x - mean) / sqrt(unbiased var + eps) * weight + bias.
+
+    With n values the unbiased variance is the biased one times n / (n - 1), so this is the fused
+    ``F.layer_norm`` with eps (n - 1) / n * eps, scaled by sqrt((n - 1) / n)."""
+    n = x.shape[-1]
+    shrink = (n - 1) / n
+    return F.layer_norm(x, (n,), eps=eps * shrink) * (weight * shrink**0.5) + bias
 
 
 class LSTMLayer(nn.Module):
@@ -124,7 +128,7 @@ class LSTMBody(Body):
 
             def step(carry, i2h_t, W=W, bias=bias, w_h=w_h, b_h=b_h, w_c=w_c, b_c=b_c):
                 h, c = carry  # (B, D) each
-                pre = i2h_t + reference_layer_norm(h @ W.T + bias, w_h, b_h, self.eps)  # (B, 4D)
+                pre = i2h_t + reference_layer_norm(F.linear(h, W, bias), w_h, b_h, self.eps)  # (B, 4D)
                 gates, g = pre[:, : 3 * D].sigmoid(), pre[:, 3 * D :].tanh()
                 c = reference_layer_norm(gates[:, D : 2 * D] * c + gates[:, :D] * g, w_c, b_c, self.eps)
                 h = dropout(gates[:, 2 * D :] * c.tanh(), p)
