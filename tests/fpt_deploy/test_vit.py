@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from fpt_deploy.tasks import get_task
 
 
+@pytest.mark.slow  # an export: minutes on 2 shared cores
 def test_vit_body_trains_exports_and_serves_one_request(tmp_path):
     from fastapi.testclient import TestClient
-
-    from fpt_deploy.cli import app
     from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
     from fpt_deploy.serving.metrics import ServingMetrics
     from fpt_deploy.serving.server import ServerState, create_app
+
+    from fpt_deploy.cli import app
 
     run, repo = tmp_path / "run", tmp_path / "deploy"
     train = ["train", "--task", "mnist", "--backbone", "tiny-vit", "--steps", "2", "--batch-size", "8"]
