@@ -71,3 +71,29 @@ def test_lstm_model_reads_the_last_real_token():
     model = FPT(task, load_backbone("random-lstm-16")).eval()
     x = torch.from_numpy(task.load_data("test").inputs[:2])
     assert model(x).shape == (2, 5, 2) and np.isfinite(model(x).detach().numpy()).all()
+
+
+def test_a_trained_body_keeps_the_norms_and_positions_it_trained(tmp_path):
+    from fpt_deploy.training import TrainConfig, train
+
+    from fpt_deploy.checkpoint import body_from_checkpoint, load_checkpoint
+
+    options = {"n": 10, "patch": 5, "train_size": 32, "test_size": 16}
+    config = TrainConfig(
+        task="bit-memory",
+        backbone="tiny-gpt2",
+        train=["all"],
+        steps=2,
+        batch_size=16,
+        out=tmp_path,
+        task_options=options,
+    )
+    checkpoint = train(config).checkpoint
+    model, _, _ = load_checkpoint(checkpoint)
+    body = body_from_checkpoint(checkpoint)
+    weight, bias = body.default_norms()
+    torch.testing.assert_close(weight, model.norm_weight.detach())
+    torch.testing.assert_close(bias, model.norm_bias.detach())
+    L = model.input_head.position.shape[0]
+    torch.testing.assert_close(body.default_positions()[:L], model.input_head.position.detach())
+    assert not torch.equal(weight, load_backbone("tiny-gpt2").default_norms()[0])  # not the random body's
