@@ -2,9 +2,8 @@
 
 The reference code trains CIFAR-10 with these three (torchvision's RandomCrop(32, padding=4),
 RandomHorizontalFlip and RandomRotation(20)); ``augment_images`` applies them in that order. Here they
-act on the raw uint8 batch before the input head, so what the model
-sees at serving time (an unaugmented image) is unchanged. Draws come from a generator seeded by
-(seed, step), so a resumed run replays them.
+act on the raw uint8 batch before the input head, so what the model sees at serving time (an unaugmented
+image) is unchanged. Draws come from a generator seeded by (seed, step), so a resumed run replays them.
 """
 
 from __future__ import annotations
