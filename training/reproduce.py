@@ -266,16 +266,19 @@ def check_real_data(config: ReproduceConfig) -> None:
             continue  # generated
         try:
             data = get_task(task, **plan.tasks[task].options).load_data("test", config.data_dir)
-            if data.source.startswith("embedded"):
-                raise DataUnavailableError(f"{task} found only {data.source}")
-        except FptDeployError as e:
+        except DataUnavailableError:
+            missing.append(f"- {task}: {REAL_DATA[task]}")
+        except FptDeployError as e:  # there, but unreadable: say why
             missing.append(f"- {task}: {REAL_DATA[task]} ({e})")
+        else:
+            if data.source.startswith("embedded"):
+                missing.append(f"- {task}: {REAL_DATA[task]}")
     if missing:
-        where = config.data_dir or "no --data-dir given"
+        where = f"--data-dir {config.data_dir} lacks" if config.data_dir else "no --data-dir was given for"
         raise DataUnavailableError(
-            f"--budget {config.budget} runs on the real data sets only, and {where} lacks them:\n"
+            f"--budget {config.budget} runs on the real data sets only, and {where} these:\n"
             + "\n".join(missing)
-            + "\nfetch them, pass --data-dir DIR, or leave these out with --tasks"
+            + "\nfetch them into one folder and pass it as --data-dir DIR, or leave these tasks out with --tasks"
         )
 
 
