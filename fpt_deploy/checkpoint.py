@@ -143,7 +143,17 @@ def body_from_checkpoint(path: str | Path):
     model, task, config = load_checkpoint(path)
     if not model.options.trains_body:
         log.info("%s trained no body weights; its body is backbone %s unchanged", path, config["backbone"])
-    return model.body.freeze()
+        return model.body.freeze()
+    import torch
+
+    body = model.body
+    with torch.no_grad():  # later tasks start from the norms and positions this run trained, as the reference
+        body.pretrained_norm_weight.copy_(model.norm_weight)
+        body.pretrained_norm_bias.copy_(model.norm_bias)
+        trained = model.input_head.position[: body.max_positions]
+        body.pretrained_positions[: len(trained)] = trained
+    body.__dict__.pop("_fingerprint", None)
+    return body.freeze()
 
 
 CHECKPOINT_BODY = BackboneEntry(

@@ -12,7 +12,8 @@ from typing import Literal
 TrainGroup = Literal["input", "positions", "norms", "output", "attention", "feedforward", "all"]
 HEAD_GROUPS = ("input", "positions", "norms", "output")  # the task's own tensors, never the body's
 FPT_GROUPS = HEAD_GROUPS  # the paper's frozen pretrained transformer
-BODY_GROUPS = ("attention", "feedforward")  # the body's weights (an LSTM body: all of them count as both)
+# the body's weights (an LSTM body: the recurrent weights are "attention", the input weights "feedforward")
+BODY_GROUPS = ("attention", "feedforward")
 
 
 def expand_groups(train: tuple[str, ...] | list[str]) -> frozenset[str]:

@@ -113,6 +113,8 @@ class FPT(nn.Module):
 
     def _set_trained(self, groups: frozenset[str]) -> None:
         """requires_grad on exactly the parameters of ``groups``."""
+        if not getattr(self.body, "uses_positions", True):  # an LSTM body: no positions, as the reference
+            groups = groups - {"positions"}
         for name, p in self.named_parameters():
             p.requires_grad_(self.group_of(name) in groups)
 

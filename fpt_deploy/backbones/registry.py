@@ -14,6 +14,7 @@ a name that no entry has is offered to those in the order of their names (``chec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -21,6 +22,7 @@ from fpt_deploy.errors import UnknownNameError
 from fpt_deploy.plugins import Registry
 
 ENTRY_POINT_GROUP = "fpt_deploy.backbones"
+SEEDED = re.compile(r"^(random-[\w.-]+)@seed(\d+)$")  # a random body drawn with another seed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +92,13 @@ def load_backbone(name: str):
     Bodies are cached per process: training several tasks, or exporting, shares one copy.
     """
     if name not in _CACHE:
-        body = _entry_for(name).load(name)
+        seeded = SEEDED.match(name)
+        if seeded:  # random-gpt2@seed1: the shapes of random-gpt2, another initialisation
+            base, seed = seeded.group(1), int(seeded.group(2))
+            entry = _entry_for(base)
+            body = entry.loader(base, seed=seed) if entry.matches is not None else entry.loader(seed=seed)
+        else:
+            body = _entry_for(name).load(name)
         body.name = name
         _CACHE[name] = body
     return _CACHE[name]

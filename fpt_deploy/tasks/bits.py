@@ -70,6 +70,9 @@ class BitMemory(_BitTask):
         "mask_prob": TaskOption(type=float, default=0.5, help="fraction of the query's bits masked"),
         "train_size": TaskOption(type=int, default=20000, help="generated training examples"),
         "test_size": TaskOption(type=int, default=1000, help="generated held-out examples"),
+        "fresh": TaskOption(
+            type=bool, default=False, help="draw new strings for every training batch (the reference's)"
+        ),
     }
 
     def build_spec(self) -> TaskSpec:
@@ -79,8 +82,19 @@ class BitMemory(_BitTask):
         return self._bit_spec(strings=s + 1)  # the strings, then the masked query
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
-        n, s, size = self.options["n"], self.options["strings"], self.options[f"{split}_size"]
-        rng = np.random.default_rng(_split_seed(split, seed))
+        return self._draw(self.options[f"{split}_size"], np.random.default_rng(_split_seed(split, seed)))
+
+    def fresh_batch(self, size: int, seed: int, step: int, rank: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """With ``-o fresh=true``: ``size`` new training examples for ``step`` (the same on a resume), else None.
+
+        The validation and test splits stay the fixed sets ``load_data`` draws, from other streams."""
+        if not self.options["fresh"]:
+            return None
+        data = self._draw(size, np.random.default_rng([seed, 1_000_003, step, rank]))
+        return data.inputs, data.labels
+
+    def _draw(self, size: int, rng: np.random.Generator) -> TaskData:
+        n, s = self.options["n"], self.options["strings"]
         strings = rng.integers(0, 2, size=(size, s, n), dtype=np.uint8)
         target = strings[np.arange(size), rng.integers(0, s, size=size)]  # (N, n)
         query = np.where(rng.random((size, n)) < self.options["mask_prob"], np.uint8(2), target)

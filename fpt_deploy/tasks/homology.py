@@ -7,7 +7,11 @@ and ``fold_label``) or the LMDB folders ``remote_homology_<split>.lmdb`` (record
 "0", "1", ..., their count under ``num_examples``; reading them needs the ``lmdb`` package).
 
 Tokens: 0 = padding, the letters A-Z -> 1..26 (the IUPAC amino-acid codes with B, Z, X, U, O). A
-sequence longer than ``max_len`` keeps its first ``max_len`` residues; the log says how many were cut.
+sequence longer than ``max_len`` keeps its first ``max_len`` residues (``-o long=cut``, the default: every
+protein gets an answer), or is left out (``-o long=drop``, the paper's scoring, which counts those as wrong:
+``fpt-deploy reproduce`` scales the accuracy by the kept share); the log says how many.
+
+The paper scores TAPE's ``valid`` split (``-o test_split=valid``); the default is the fold hold-out test set.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ TAPE_URLS = (
     "http://s3.amazonaws.com/proteindata/data_raw/remote_homology.tar.gz (JSON) or "
     "http://s3.amazonaws.com/proteindata/data_pytorch/remote_homology.tar.gz (LMDB)"
 )
-TEST_SPLITS = ("test_fold_holdout", "test_superfamily_holdout", "test_family_holdout")
+TEST_SPLITS = ("test_fold_holdout", "test_superfamily_holdout", "test_family_holdout", "valid")
+LONG_RULES = ("cut", "drop")
 
 
 def encode_protein(sequence: str, max_len: int) -> np.ndarray:
@@ -86,18 +91,33 @@ class RemoteHomology(TokenTask):
     num_classes = NUM_FOLDS
     declared_options = {
         "max_len": TaskOption(type=int, default=1024, help="residues a sequence (longer ones are cut)"),
-        "test_split": TaskOption(type=str, default="test_fold_holdout", help="TAPE's held-out split to score"),
+        "test_split": TaskOption(
+            type=str, default="test_fold_holdout", help="TAPE's held-out split to score (valid: the paper's)"
+        ),
+        "long": TaskOption(type=str, default="cut", help="a sequence over max_len: cut, or drop (the paper's)"),
     }
 
     def build_spec(self) -> TaskSpec:
         if self.options["test_split"] not in TEST_SPLITS:
             raise TaskDataError(f"remote-homology: test_split must be one of {', '.join(TEST_SPLITS)}")
+        if self.options["long"] not in LONG_RULES:
+            raise TaskDataError(f"remote-homology: long must be one of {', '.join(LONG_RULES)}")
         return super().build_spec()
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
         tape_split = "train" if split == "train" else self.options["test_split"]
         records, source = read_tape_split(data_dir, tape_split)
         L = self.options["max_len"]
+        if self.options["long"] == "drop":
+            kept = [r for r in records if len(r.get("primary", "")) <= L]
+            log.info(
+                "remote-homology %s: %d of %d sequences over %d residues dropped",
+                tape_split,
+                len(records) - len(kept),
+                len(records),
+                L,
+            )
+            records = kept
         try:
             x = np.stack([encode_protein(r["primary"], L) for r in records]) if records else np.zeros((0, L))
             y = np.array([int(r["fold_label"]) for r in records], dtype=np.int64)

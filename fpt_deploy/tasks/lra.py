@@ -5,7 +5,10 @@ a ``listops-1000`` folder inside it works too). Each row is ``Source<TAB>Target`
 LRA's tree parentheses, and its value 0-9. The tokens are the generator's (``fpt_deploy.tasks.listops``):
 digits, ``[MIN [MAX [MED [SM`` and every closing ``]``; the parentheses carry no information beyond the
 brackets and are dropped. Nothing is cut: a row longer than ``max_len`` tokens is an error that names the
-length to ask for (a later study found the reference loader cut rows at 512 tokens and dropped ``]``).
+length to ask for (a later study found the reference loader cut rows at 512 tokens and dropped ``]``),
+unless ``-o long=drop`` leaves such rows out (the paper's scoring at ``max_len=1024``, which counts them as
+wrong: ``fpt-deploy reproduce`` scales the accuracy by the kept share). ``-o score_split=val`` scores LRA's
+validation file (``basic_val.tsv``, the paper's) in place of ``basic_test.tsv``.
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ class ListOpsLra(TokenTask):
     num_classes = 10
     declared_options = {
         "max_len": TaskOption(type=int, default=2000, help="tokens a row (LRA's rows reach 2,000)"),
+        "long": TaskOption(type=str, default="error", help="a row over max_len: error, or drop (the paper's)"),
+        "score_split": TaskOption(type=str, default="test", help="the file scored as held out: test, or val"),
     }
 
     def load_data(self, split, data_dir=None, download=False, seed=0) -> TaskData:
-        path, L = _tsv(data_dir, split), self.options["max_len"]
+        if self.options["long"] not in ("error", "drop") or self.options["score_split"] not in ("test", "val"):
+            raise TaskDataError("listops-lra: long is error or drop, score_split is test or val")
+        file_split = split if split == "train" else self.options["score_split"]
+        path, L = _tsv(data_dir, file_split), self.options["max_len"]
         rows, labels = [], []
         with open(path, newline="") as f:
             for row in csv.DictReader(f, delimiter="\t"):
@@ -63,6 +71,9 @@ class ListOpsLra(TokenTask):
                     labels.append(int(row["Target"]))
                 except (KeyError, TypeError, ValueError) as e:
                     raise TaskDataError(f"{path}: rows need Source and Target columns ({e})") from e
+        if self.options["long"] == "drop":
+            keep = [i for i, ids in enumerate(rows) if len(ids) <= L]
+            rows, labels = [rows[i] for i in keep], [labels[i] for i in keep]
         longest = max(map(len, rows), default=0)
         if longest > L:
             raise TaskDataError(f"{path} holds a row of {longest} tokens; pass -o max_len={longest} (nothing is cut)")

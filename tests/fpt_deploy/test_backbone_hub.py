@@ -49,5 +49,5 @@ def test_an_unsupported_architecture_is_refused_before_its_weights(hub_cache):
     snapshot = _snapshot(hub_cache, "acme/t5-ish")
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
-    with pytest.raises(BackboneUnavailableError, match="'t5' model; supported architectures: bert, gpt2"):
+    with pytest.raises(BackboneUnavailableError, match="'t5' model; supported architectures: bert, roberta, gpt2"):
         load_backbone("acme/t5-ish")

@@ -28,7 +28,21 @@ TINY = {
         transformers.GPT2Model,
         dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0),
     ),
+    "roberta": (
+        transformers.RobertaConfig,
+        transformers.RobertaModel,
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=66,
+            vocab_size=50,
+            type_vocab_size=1,
+        ),
+    ),
 }
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32)
 
 
 def _hf_model(kind: str, seed: int = 0):
@@ -37,12 +51,12 @@ def _hf_model(kind: str, seed: int = 0):
     model = model_cls(config_cls(**kwargs)).eval()
     with torch.no_grad():  # make the norms non-trivial so parity also covers the per-row affine
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or ".ln_" in name or name.startswith("ln_"):
+            if "LayerNorm" in name or ".ln_" in name or name.startswith("ln_") or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "roberta"])
 def test_body_reproduces_hugging_face_hidden_states(kind):
     hf = _hf_model(kind)
     body = body_from_hf(hf)
@@ -58,12 +72,47 @@ def test_body_reproduces_hugging_face_hidden_states(kind):
     assert (ref - ours)[valid].abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["ViT", "DeiT"])
+def test_vision_body_reproduces_hugging_face_hidden_states(family):
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(patch_size=8, **VISION)
+    hf = getattr(transformers, f"{family}Model")(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    body = body_from_hf(hf)
+    assert body.architecture == "vit" and body.num_norms == 5 and body.config["model_type"] == family.lower()
+    B, L = 3, 10
+    embeds = torch.randn(B, L, 32)
+    with torch.no_grad():  # the blocks and the final norm, on the embeddings a task's input layer makes
+        x = embeds
+        for layer in hf.layers if hasattr(hf, "layers") else hf.encoder.layer:
+            out = layer(x)
+            x = out[0] if isinstance(out, tuple) else out
+        ref = hf.layernorm(x)
+        w, b = body.default_norms()
+        ours = body(embeds, torch.ones(B, L, dtype=torch.long), w.expand(B, -1, -1), b.expand(B, -1, -1))
+    assert (ref - ours).abs().max().item() <= 1e-5
+    assert body.default_positions().shape == (1024, 32) and not body.default_positions().any()  # the reference's
+
+
+def test_architecture_table_has_one_entry_a_family():
+    from fpt_deploy.backbones.hf import ARCHITECTURES, SUPPORTED_MODEL_TYPES
+
+    assert {"bert", "roberta", "gpt2", "vit", "deit"} <= set(ARCHITECTURES) == set(SUPPORTED_MODEL_TYPES)
+    names = {b.name for b in list_backbones()}
+    assert {"vit", "random-vit", "tiny-vit", "roberta", "random-roberta", "gpt2-xl", "random-gpt2-xl"} <= names
+    with pytest.raises(BackboneUnavailableError, match="supported architectures: bert, roberta, gpt2, vit"):
+        body_from_hf(transformers.T5EncoderModel(transformers.T5Config(d_model=8, num_layers=1, num_heads=1)))
+
+
 def test_bert_eps_is_taken_from_the_config():
     body = body_from_hf(_hf_model("bert"))
     assert body.eps == 1e-12
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "roberta"])
 def test_each_row_uses_its_own_norm_parameters(kind):
     body = body_from_hf(_hf_model(kind))
     L, D, N = 6, 32, body.num_norms

@@ -27,10 +27,11 @@ def test_random_bodies_at_every_size_are_registered():
 
 def test_lstm_width_is_in_the_name_and_init_is_seeded():
     body = load_backbone("random-lstm-48")
-    assert body.hidden_size == 48 and body.num_norms == 3 and len(body.lstms) == 3
+    assert body.hidden_size == 48 and body.num_norms == 27 and len(body.layers) == 3
     from fpt_deploy.backbones.lstm import random_lstm
 
     assert random_lstm(48).fingerprint() == body.fingerprint() != random_lstm(48, seed=1).fingerprint()
+    assert load_backbone("random-lstm-48@seed1").fingerprint() == random_lstm(48, seed=1).fingerprint()
 
 
 def test_lstm_norms_are_per_row_and_padding_never_reaches_real_tokens():
@@ -38,7 +39,7 @@ def test_lstm_norms_are_per_row_and_padding_never_reaches_real_tokens():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 6, 16, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    w, b = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    w, b = torch.randn(2, 27, 16, generator=g), torch.randn(2, 27, 16, generator=g)
     out = body(hidden, mask, w, b)
     alone = body(hidden[:1, :4], mask[:1, :4], w[:1], b[:1])
     torch.testing.assert_close(out[:1, :4], alone)  # row 0's real tokens: as if no padding followed
@@ -70,3 +71,30 @@ def test_lstm_model_reads_the_last_real_token():
     model = FPT(task, load_backbone("random-lstm-16")).eval()
     x = torch.from_numpy(task.load_data("test").inputs[:2])
     assert model(x).shape == (2, 5, 2) and np.isfinite(model(x).detach().numpy()).all()
+
+
+def test_a_trained_body_keeps_the_norms_and_positions_it_trained(tmp_path):
+    from fpt_deploy.training import TrainConfig, train
+
+    from fpt_deploy.checkpoint import body_from_checkpoint, load_checkpoint
+    from fpt_deploy.model_options import ModelOptions
+
+    options = {"n": 10, "patch": 5, "train_size": 32, "test_size": 16}
+    config = TrainConfig(
+        task="bit-memory",
+        backbone="tiny-gpt2",
+        model=ModelOptions(train=("all",)),
+        steps=2,
+        batch_size=16,
+        out=tmp_path,
+        task_options=options,
+    )
+    checkpoint = train(config).checkpoint
+    model, _, _ = load_checkpoint(checkpoint)
+    body = body_from_checkpoint(checkpoint)
+    weight, bias = body.default_norms()
+    torch.testing.assert_close(weight, model.norm_weight.detach())
+    torch.testing.assert_close(bias, model.norm_bias.detach())
+    L = model.input_head.position.shape[0]
+    torch.testing.assert_close(body.default_positions()[:L], model.input_head.position.detach())
+    assert not torch.equal(weight, load_backbone("tiny-gpt2").default_norms()[0])  # not the random body's

@@ -92,6 +92,31 @@ def test_lra_listops_refuses_to_cut_a_long_row(tmp_path):
         get_task("listops-lra", max_len=7).load_data("train", root)
 
 
+def test_the_papers_scoring_drops_long_rows_and_reads_the_validation_split(tmp_path):
+    root = write_lra(tmp_path)
+    (root / "listops-1000" / "basic_val.tsv").write_text("Source\tTarget\n( [MAX 2 3 ] )\t3\n")
+    lra = get_task("listops-lra", max_len=7, long="drop", score_split="val")
+    assert lra.load_data("train", root).inputs.shape == (16, 7)  # the 8-token row left out, nothing cut
+    assert lra.load_data("test", root).labels.tolist() == [3]  # basic_val.tsv, not basic_test.tsv
+    tape = write_tape(tmp_path / "tape")
+    homology = get_task("remote-homology", max_len=40, long="drop", test_split="valid")
+    valid = homology.load_data("test", tape)
+    records = json.loads((tape / "remote_homology" / "remote_homology_valid.json").read_text())
+    assert len(valid.labels) == sum(len(r["primary"]) <= 40 for r in records)
+
+
+def test_bit_memory_draws_fresh_strings_every_batch_when_asked():
+    fixed, fresh = get_task("bit-memory", n=20, patch=5), get_task("bit-memory", n=20, patch=5, fresh=True)
+    assert fixed.fresh_batch(4, seed=0, step=0) is None
+    x0, y0 = fresh.fresh_batch(4, seed=0, step=0)
+    x1, _ = fresh.fresh_batch(4, seed=0, step=1)
+    assert x0.shape == (4, 120) and y0.shape == (4, 20) and not np.array_equal(x0, x1)
+    np.testing.assert_array_equal(fresh.fresh_batch(4, seed=0, step=0)[0], x0)  # a resumed run replays it
+    strings, query = x0[:, :100].reshape(4, 5, 20), x0[:, 100:]
+    assert all(any((s == y).all() for s in row) for row, y in zip(strings, y0, strict=True))  # the target is one
+    assert ((query == 2) | (query == y0)).all()  # the query: the target, half masked
+
+
 def test_lra_listops_names_the_release_when_missing(tmp_path):
     with pytest.raises(DataUnavailableError, match="lra_release"):
         get_task("listops-lra").load_data("test", tmp_path)

@@ -27,3 +27,19 @@ def test_grey_images_and_only_images():
     check_augmentable((28, 28), "mnist")
     with pytest.raises(ConfigError, match="crops and flips images"):
         check_augmentable((10,), "bit-xor")
+
+
+def test_rotation_turns_each_image_by_at_most_twenty_degrees_and_replays():
+    from fpt_deploy.training.augment import augment_images, random_rotation
+
+    x = torch.zeros(4, 9, 9, dtype=torch.uint8)
+    x[:, 4, :] = 200  # a horizontal bar through the centre
+    y = random_rotation(x, seed=0, step=1)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert set(y.unique().tolist()) <= {0, 200}  # nearest pixel: no new values
+    assert y[:, 4, 4].eq(200).all()  # the centre stays
+    assert not torch.equal(y, x)  # turned
+    assert y[:, 0].eq(0).all() and y[:, -1].eq(0).all()  # by at most 20 degrees: the bar never reaches the edge rows
+    torch.testing.assert_close(random_rotation(x, seed=0, step=1), y)
+    assert torch.equal(random_rotation(x, seed=0, step=1, degrees=0), x)
+    assert augment_images(x, seed=0, step=1).shape == x.shape

@@ -7,9 +7,12 @@ import json
 import pytest
 from fpt_deploy.training.paper_figures import paper_figure
 from fpt_deploy.training.reproduce import (
+    BUDGETS,
     Cell,
     ReproduceConfig,
     _ordering_sentence,
+    body_for_seed,
+    check_real_data,
     convergence_ratios,
     plan_cells,
     render_markdown,
@@ -55,7 +58,32 @@ def test_plans_cover_the_closing_notes_grid():
         assert {f"{task}/{s}/fpt/seed0" for s in ("language", "random", "lstm")} <= ids
     assert {f"mnist/language/{g}/seed0" for g in ("output", "+norms", "+input", "fpt", "all")} <= ids
     gpu = plan_cells(ReproduceConfig(budget="gpu", tasks=["bit-xor"]))
-    assert len(gpu) == 4 * 5 * 2  # every start x every group x 2 seeds
+    assert len(gpu) == 4  # sized to one lent GPU: the four starts under FPT
+    paper = {c.id for c in plan_cells(ReproduceConfig(budget="paper", tasks=["cifar10"]))}
+    for cell in ("language-xl/fpt", "random-medium/fpt", "vit/fpt", "language/-norms", "random/+attention"):
+        assert f"cifar10/{cell}/seed2" in paper
+    assert "cifar10/random/output+positions/seed0" in paper and len(paper) == 3 * (4 * 5 + 2 * 5 + 7)
+
+
+def test_random_starts_draw_a_new_body_per_seed():
+    assert body_for_seed("random-gpt2", "random", 0) == "random-gpt2"
+    assert body_for_seed("random-gpt2", "random", 2) == "random-gpt2@seed2"
+    assert body_for_seed("random-lstm-768", "lstm", 1) == "random-lstm-768@seed1"
+    assert body_for_seed("gpt2", "language", 1) == "gpt2"
+
+
+def test_paper_budget_refuses_to_run_without_the_real_data(tmp_path):
+    from fpt_deploy.cli import app
+
+    r = CliRunner().invoke(
+        app, ["reproduce", "--budget", "paper", "--tasks", "mnist", "--tasks", "listops-lra", "--out", str(tmp_path)]
+    )
+    assert r.exit_code != 0
+    assert "the full MNIST (60,000 training images), not the embedded 5,000-image sample" in r.output
+    assert "MNIST/raw" in r.output and "basic_val.tsv" in r.output and "--data-dir" in r.output
+    assert not (tmp_path / "results.json").exists()  # refused before any cell
+    assert BUDGETS["paper"].real_data and not BUDGETS["cpu"].real_data
+    check_real_data(ReproduceConfig(budget="paper", tasks=["bit-xor"], out=tmp_path))
 
 
 def test_config_refuses_a_task_the_budget_has_no_plan_for():
