@@ -14,8 +14,7 @@ from fpt_deploy.tasks import get_task
 @pytest.mark.slow  # an export: minutes on 2 shared cores
 def test_vit_body_trains_exports_and_serves_one_request(tmp_path):
     from fastapi.testclient import TestClient
-    from fpt_deploy.serving import DynamicBatcher, MixedBatchExecutor, ServeConfig, ServingModel
-    from fpt_deploy.serving.metrics import ServingMetrics
+    from fpt_deploy.serving import ServeConfig
     from fpt_deploy.serving.server import ServerState, create_app
 
     from fpt_deploy.cli import app
@@ -31,9 +30,7 @@ def test_vit_body_trains_exports_and_serves_one_request(tmp_path):
 
     image = get_task("mnist").load_data("test").inputs[:1]  # (1, 28, 28) uint8
     request = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 28, 28], "data": image.ravel().tolist()}]}
-    serve = ServeConfig(repo=repo)
-    model, metrics = ServingModel(serve), ServingMetrics()
-    state = ServerState(model, DynamicBatcher(MixedBatchExecutor(model.runtime), metrics=metrics), metrics, serve)
+    state = ServerState.load(ServeConfig(repo=repo))
     with TestClient(create_app(state)) as client:
         answer = client.post("/v2/models/mnist/infer", content=json.dumps(request).encode())
     assert answer.status_code == 200, answer.text

@@ -23,7 +23,7 @@ def service(synthetic_repo):
     ("error", "status"),
     [
         (UnknownNameError("no such model"), 404),
-        (TimeoutError("drain"), 503),
+        (TimeoutError("drain"), 409),
         (QueueFullError("full"), 503),
         (ServerClosingError("closing"), 503),
         (InvalidInputError("bad"), 400),
