@@ -17,11 +17,14 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+def atomic_path(path: str | Path, tag: str = ""):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    ``tag`` goes into the temporary file's name before ``.tmp`` (who writes it, for a later clean-up).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"{tag}.tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the permissions open() would
     try:

