@@ -383,11 +383,11 @@ def start_grpc_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),  # answers are bounded by the request's rows
-            # A fixed 1 MiB stream window instead of one grown by bandwidth probing: a message over the
+            # A fixed 4 MiB stream window instead of one grown by bandwidth probing: a message over the
             # cap is refused from its length prefix, and the bytes already in flight behind it stay
             # within one window a stream, however many clients send oversized messages at once.
             ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", 1 << 20),
+            ("grpc.http2.lookahead_bytes", 4 << 20),
         ],
     )
     server.add_generic_rpc_handlers((_handlers(InferenceServicer(service, control, budget)),))
