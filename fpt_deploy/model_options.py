@@ -27,7 +27,13 @@ class ModelOptions:
             "its own backbone."
         },
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout in the body and heads while training (0 = off)."})
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout in the body and heads while training (0 = off; the reproduction grid uses "
+            "the reference's 0.1)."
+        },
+    )
     input_gain: float = field(default=1.41, metadata={"help": "Orthogonal-init gain of a linear input layer."})
     input_hidden_layers: int = field(
         default=0, metadata={"help": "Hidden D->D ReLU layers after the input layer (not exportable)."}

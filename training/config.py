@@ -84,7 +84,11 @@ class TrainConfig:
     # What trains and the reference's other model options: each of its fields is an option of its own
     model: ModelOptions = field(default_factory=ModelOptions, metadata={"help": "How the model is built."})
     augment: bool = field(
-        default=False, metadata={"help": "Image tasks: random crop (4-pixel padding) and horizontal flip."}
+        default=False,
+        metadata={
+            "help": "Image tasks: random crop (4-pixel padding), horizontal flip, rotation up to 20 degrees "
+            "(the reference's CIFAR-10 transforms)."
+        },
     )
     val_fraction: float = field(
         default=0.1,
