@@ -542,7 +542,7 @@ def shutdown_under_grpc(srv: Server, good: Good) -> dict:
     clients = [threading.Thread(target=load, daemon=True) for _ in range(2)]
     for t in clients:
         t.start()
-    time.sleep(0.5)
+    wait_until(lambda: len(codes) >= 2, "the gRPC clients' first answers")
     srv.proc.send_signal(signal.SIGTERM)
     try:
         exit_code = srv.proc.wait(60)
@@ -567,6 +567,21 @@ def write_json_atomic(path: Path, doc: dict) -> None:
     tmp = path.with_name(f".{path.name}.bench.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
+
+
+def wait_until(condition, what: str, seconds: float = 30.0) -> None:
+    """Return once ``condition()`` holds; ``RuntimeError`` naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {seconds:.0f} s")
+        time.sleep(0.05)
+
+
+def unavailable_reason(srv: Server, name: str) -> str:
+    """The reason the repository index gives for ``name`` being UNAVAILABLE ("" while it is not)."""
+    index = json.loads(srv.request("POST", "/v2/repository/index", b"{}", where="index")[1])
+    return next((e["reason"] for e in index if e["name"] == name and e["state"] == "UNAVAILABLE"), "")
 
 
 def add_task(repo: Path, name: str, source: str = TASK, **changes) -> None:
@@ -602,7 +617,7 @@ def case_3(srv: Server, x1: np.ndarray, x32: np.ndarray) -> dict:
         daemon=True,
     )
     waiter.start()
-    time.sleep(1.0)  # the request is queued
+    wait_until(lambda: srv.metric("fpt_queue_depth") >= 1, "case 3's request to be queued")
     t0 = time.perf_counter()
     try:
         unload = srv.request("POST", f"/v2/repository/models/{TASK}/unload", b"", timeout=60, where="case 3 unload")[0]
@@ -677,7 +692,7 @@ def case_4_poll(repo: Path, log: Path) -> dict:
     try:
         for name, changes in BAD_TASKS.items():
             add_task(repo, name, **changes)
-            time.sleep(1.5)  # a few polls over it
+            wait_until(lambda name=name: unavailable_reason(srv, name), f"the poller to mark {name} unavailable")
         add_task(repo, "later")
         ready = None
         for _ in range(60):  # at most 6 s
