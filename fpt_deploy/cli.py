@@ -302,7 +302,7 @@ def _write_triton(config: TritonConfig) -> None:
 def build_engine(config: Callable[..., EngineConfig]) -> None:
     """Build a TensorRT engine of the backbone, wrapped with a Gather by task index from resident norm tables.
 
-    Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy\\[gpu]'`), no torch. Checks
+    Needs an NVIDIA GPU, TensorRT and cuda-python (`pip install 'fpt-deploy[gpu,tensorrt]'`), no torch. Checks
     the engine against ONNX Runtime at the smallest, the tuned and the largest shape, then records it in
     the repository with its limits and the task order of its norm tables.
     """

@@ -21,6 +21,7 @@ from fpt_deploy.serving.runtimes.sessions import import_onnxruntime
 from fpt_deploy.errors import RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
+DRIVER_LIBRARY = "libcuda.so"  # installed with the NVIDIA driver (CUDA 13 wheels need driver >= 580)
 
 
 def preload_cuda_libraries(ort) -> None:
@@ -65,11 +66,12 @@ class OrtCudaRuntime(OrtRuntime):
     def check_session(self) -> None:
         if "CUDAExecutionProvider" not in self.session.get_providers():
             why = missing_cuda_library(import_onnxruntime())
-            hint = (
-                f"{why}; install the CUDA 13 and cuDNN 9 wheels: pip install 'fpt-deploy[gpu]'"
-                if why
-                else "no usable GPU or driver?"
-            )
+            if not why:
+                hint = "no usable GPU or driver?"
+            elif DRIVER_LIBRARY in why:  # the driver's own library, never in a wheel
+                hint = f"{why}: no NVIDIA driver on this machine; it needs an NVIDIA GPU with driver >= 580"
+            else:
+                hint = f"{why}; install the CUDA 13 and cuDNN 9 wheels: pip install 'fpt-deploy[gpu]'"
             raise RuntimeUnavailableError(
                 f"ONNX Runtime could not start its CUDA provider ({hint}); or use --runtime ort"
             )

@@ -36,11 +36,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 from fpt_deploy.serving.runtimes.cache import Rewrite, RewriteRefused, cached_rewrite
+from fpt_deploy.serving.runtimes.sessions import import_onnxruntime
 
 from fpt_deploy.artifacts import BACKBONE_INPUTS
 
@@ -54,8 +54,14 @@ PARENT_CHECK_S = 1.0  # how often the child checks that the process that started
 
 
 def rewrite_key() -> str:
-    """What the cached copy depends on besides the source file: this rewrite and the libraries doing it."""
-    return f"ort-rewrite/{REWRITE_VERSION} onnxruntime/{version('onnxruntime')} onnxscript/{version('onnxscript')}"
+    """What the cached copy depends on besides the source file: this rewrite and the libraries doing it.
+
+    The modules' own versions, not their distributions': ``onnxruntime-gpu`` installs the ``onnxruntime``
+    module under another distribution name (the [gpu] extra), and has no ``onnxruntime`` metadata."""
+    import onnxscript
+
+    ort = import_onnxruntime()
+    return f"ort-rewrite/{REWRITE_VERSION} onnxruntime/{ort.__version__} onnxscript/{onnxscript.__version__}"
 
 
 @contextmanager

@@ -33,6 +33,7 @@ def test_every_option_name_is_whole_at_80_columns(name):
     wide = [line for line in result.output.splitlines() if len(line) > 80]
     assert not wide, f"lines wider than 80 columns: {wide}"
     assert "…" not in result.output
+    assert "\\[" not in result.output, "rich markup escapes show as-is in plain click help"
 
 
 def test_the_top_level_help_fits_too():

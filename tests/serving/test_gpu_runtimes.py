@@ -95,3 +95,47 @@ def test_without_onnxruntime_serving_says_which_extra_to_install(synthetic_repo)
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'fpt-deploy[cpu]'" in done.stdout and "'fpt-deploy[gpu]'" in done.stdout, done.stderr
+
+
+def test_the_ort_runtime_starts_where_onnxruntime_gpu_provides_the_module(exported_repo, tmp_path, monkeypatch):
+    """onnxruntime-gpu (the [gpu] extra) installs the ``onnxruntime`` module with no ``onnxruntime``
+    distribution metadata: nothing on the serving path may look the module up by that name."""
+    import importlib.metadata
+
+    real_from_name = importlib.metadata.Distribution.from_name
+
+    def gpu_build_only(name):
+        if name.lower().replace("_", "-") == "onnxruntime":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_from_name(name)
+
+    monkeypatch.setattr(importlib.metadata.Distribution, "from_name", staticmethod(gpu_build_only))
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)  # no cached rewrite yet: the start computes its key
+    cpu = mixed_logits(RuntimeConfig(repo=repo))
+    assert [a.shape for a in cpu] == [(5, 10), (7, 5, 2)]
+
+
+@pytest.mark.parametrize(
+    ("why", "says"),
+    [
+        ("libcuda.so.1: cannot open shared object file", "no NVIDIA driver on this machine"),
+        ("libcudnn.so.9: cannot open shared object file", "pip install 'fpt-deploy[gpu]'"),
+        ("", "no usable GPU or driver?"),
+    ],
+)
+def test_a_cuda_provider_that_fell_back_says_what_is_missing(monkeypatch, why, says):
+    from types import SimpleNamespace
+
+    from fpt_deploy.serving.runtimes import ort_cuda
+
+    from fpt_deploy.errors import RuntimeUnavailableError
+
+    monkeypatch.setattr(ort_cuda, "import_onnxruntime", lambda: None)
+    monkeypatch.setattr(ort_cuda, "missing_cuda_library", lambda ort: why)
+    runtime = object.__new__(ort_cuda.OrtCudaRuntime)
+    runtime.session = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])  # it fell back
+    with pytest.raises(RuntimeUnavailableError) as err:
+        runtime.check_session()
+    assert says in str(err.value) and "--runtime ort" in str(err.value)
+    assert ("no NVIDIA driver" in str(err.value)) == ("libcuda" in why)

@@ -285,7 +285,7 @@ def test_no_gpu_gets_the_gpu_message(engine_repo, monkeypatch, error):
         _runtime(engine_repo)
     message = str(err.value)
     assert message.startswith("TensorRT needs a CUDA GPU") and error.name in message
-    assert "b'" not in message and "fpt-deploy[gpu]" in message
+    assert "b'" not in message and "fpt-deploy[gpu,tensorrt]" in message
 
 
 def test_missing_tensorrt_and_old_tensorrt_are_clear(engine_repo, monkeypatch):

@@ -190,7 +190,8 @@ def test_build_engine_without_a_gpu_exits_2_with_the_gpu_message(synthetic_repo,
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "pip install 'fpt-deploy[gpu]'" in last and "Traceback" not in done.stderr
+    assert last.startswith("error: ") and "pip install 'fpt-deploy[gpu,tensorrt]'" in last
+    assert "Traceback" not in done.stderr
     assert "b'" not in last  # CUDA's error text decoded, not raw bytes
     manifest = json.loads((synthetic_repo / "manifest.json").read_text())
     assert all("engines" not in b["extra"] for b in manifest["backbones"].values())  # nothing recorded

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 GPU_HELP = (
     "TensorRT engines are built and served on the machine (same GPU model, same TensorRT) that serves "
-    "them: there, `pip install 'fpt-deploy[gpu]'`; elsewhere use --runtime ort"
+    "them: there, `pip install 'fpt-deploy[gpu,tensorrt]'`; elsewhere use --runtime ort"
 )
 # CUDA errors that mean "no usable GPU or driver here", not a bug: they get the GPU message.
 _NO_GPU_ERRORS = frozenset(
@@ -107,7 +107,7 @@ def load_gpu_stack():
         want = ".".join(map(str, TABLE_TENSORRT_VERSION))
         raise RuntimeUnavailableError(
             f"TensorRT {trt.__version__} is older than {want}, whose ONNX parser the operator check follows; "
-            f"install TensorRT >= {want} (`pip install 'fpt-deploy[gpu]'`)"
+            f"install TensorRT >= {want} (`pip install 'fpt-deploy[gpu,tensorrt]'`)"
         )
     return trt, cuda
 

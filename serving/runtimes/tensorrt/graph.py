@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # ONNX operators the TensorRT ONNX parser supports: the "Y" rows of onnx-tensorrt's docs/operators.md for
 # TensorRT 10.15 ("opset 9 to opset 24"). Older parsers read less (10.0: opsets 9 to 20, no
-# RMSNormalization/RotaryEmbedding/TensorScatter), so the [gpu] extra requires TensorRT >= 10.15 and
+# RMSNormalization/RotaryEmbedding/TensorScatter), so the [tensorrt] extra requires TensorRT >= 10.15 and
 # ``TABLE_TENSORRT_VERSION`` is checked against the installed one before a build. Rows marked "N" there
 # (Bernoulli, BitShift, Bitwise*, Col2Im, Compress, ConvInteger, DFT, Det, DynamicQuantizeLinear,
 # MatMulInteger, Optional*, QLinear*, Sequence*, String*, Unique, ...) are absent on purpose.
