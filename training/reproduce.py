@@ -223,7 +223,7 @@ class ReproduceConfig:
     budget: Budget = field(
         default="cpu",
         metadata={
-            "help": "ci: seconds, tiny bodies (checks the harness); cpu: about an hour on 2 cores; gpu, paper: "
+            "help": "ci: seconds, tiny bodies (checks the harness); cpu: 1-2 hours on 2 cores; gpu, paper: "
             "the paper's Table 1 settings at growing cost."
         },
     )
