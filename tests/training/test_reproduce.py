@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from fpt_deploy.training.paper_figures import paper_figure
@@ -20,7 +21,7 @@ from fpt_deploy.training.reproduce import (
 )
 from typer.testing import CliRunner
 
-from fpt_deploy.errors import ConfigError
+from fpt_deploy.errors import ConfigError, DataUnavailableError
 
 
 def test_ci_grid_writes_results_and_resumes(tmp_path):
@@ -84,6 +85,13 @@ def test_paper_budget_refuses_to_run_without_the_real_data(tmp_path):
     assert not (tmp_path / "results.json").exists()  # refused before any cell
     assert BUDGETS["paper"].real_data and not BUDGETS["cpu"].real_data
     check_real_data(ReproduceConfig(budget="paper", tasks=["bit-xor"], out=tmp_path))
+
+
+def test_the_real_data_check_says_nothing_before_it_refuses(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fpt_deploy")
+    with pytest.raises(DataUnavailableError, match="mnist: the full MNIST"):
+        check_real_data(ReproduceConfig(budget="paper", tasks=["mnist"], out=tmp_path))
+    assert "using the embedded" not in caplog.text  # the probe loaded the sample; it must not say it uses it
 
 
 def test_config_refuses_a_task_the_budget_has_no_plan_for():
