@@ -261,12 +261,12 @@ def check_real_data(config: ReproduceConfig) -> None:
     from fpt_deploy.tasks import get_task
 
     missing = []
-    tasks_log = logging.getLogger("fpt_deploy.tasks")
     for task in config.tasks or plan.default_tasks:
         if task not in REAL_DATA:
             continue  # generated
-        level = tasks_log.level
-        tasks_log.setLevel(logging.WARNING)  # no "using the embedded sample" line before the refusal
+        if config.data_dir is None:  # nowhere to look: only an embedded sample could stand in, and it may not
+            missing.append(f"- {task}: {REAL_DATA[task]}")
+            continue
         try:
             data = get_task(task, **plan.tasks[task].options).load_data("test", config.data_dir)
         except DataUnavailableError:
@@ -276,8 +276,6 @@ def check_real_data(config: ReproduceConfig) -> None:
         else:
             if data.source.startswith("embedded"):
                 missing.append(f"- {task}: {REAL_DATA[task]}")
-        finally:
-            tasks_log.setLevel(level)
     if missing:
         where = f"--data-dir {config.data_dir} lacks" if config.data_dir else "no --data-dir was given for"
         raise DataUnavailableError(
